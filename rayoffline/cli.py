@@ -1,0 +1,111 @@
+"""Command line: parses arguments and calls the package. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import RayOfflineError
+
+
+def _parse_mapping(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        for pair in item.split(","):
+            if "=" not in pair:
+                raise RayOfflineError(f"--map {pair!r}: expected FIELD=COLUMN, e.g. observations=obs")
+            k, v = pair.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayoffline", description="Offline RL at cluster scale on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="convert, append to and inspect datasets").add_subparsers(
+        dest="data_command", required=True)
+    c = data.add_parser("convert", help="convert a source into sharded Parquet + metadata.json")
+    c.add_argument("source", help="minari:ID | builtin:NAME | path to a Minari dataset, .hdf5, RLlib Parquet, "
+                                  "or Parquet/CSV with --map")
+    c.add_argument("--out", required=True, help="output directory (must not exist)")
+    c.add_argument("--shards", type=int, default=None, help="number of Parquet files (default: 8)")
+    c.add_argument("--map", action="append", metavar="FIELD=COLUMN",
+                   help="column mapping for plain Parquet/CSV, e.g. observations=obs,actions=act "
+                        "(list columns or prefixes obs_0,obs_1.. via observations=obs_*)")
+    c.add_argument("--env-id", default=None, help="gymnasium id to record for evaluation")
+    a = data.add_parser("append", help="add a new partition to a converted dataset")
+    a.add_argument("source")
+    a.add_argument("--to", required=True, help="existing converted dataset directory")
+    a.add_argument("--map", action="append", metavar="FIELD=COLUMN")
+    i = data.add_parser("inspect", help="data-quality report and PNG")
+    i.add_argument("dir", help="converted dataset directory or builtin:NAME")
+    i.add_argument("--png", default=None, help="where to write the PNG (default: DIR/inspect.png)")
+
+    t = sub.add_parser("train", help="train an offline RL algorithm")
+    t.add_argument("--algo", required=True)
+    t.add_argument("--data", required=True, help="converted dataset directory or builtin:NAME")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--config", default=None, help="YAML file with run and algo.* keys")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. algo.cql_alpha=5")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+
+    e = sub.add_parser("eval", help="re-evaluate a run's latest checkpoint")
+    e.add_argument("run_dir")
+    e.add_argument("--episodes", type=int, default=10)
+
+    sub.add_parser("algos", help="list algorithms and their config fields")
+    d = sub.add_parser("demo", help="the main job on an embedded dataset (IQL on builtin:pendulum-medium)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except RayOfflineError as e:
+        print(f"rayoffline: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rayoffline: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "data":
+        from . import data
+        if args.data_command == "convert":
+            meta = data.convert(args.source, args.out, shards=args.shards, mapping=_parse_mapping(args.map),
+                                env_id=args.env_id)
+            print(f"wrote {meta['num_transitions']} transitions in {meta['num_episodes']} episodes to {args.out}")
+        elif args.data_command == "append":
+            meta = data.append(args.source, args.to, mapping=_parse_mapping(args.map))
+            print(f"{args.to} now holds {meta['num_transitions']} transitions in {meta['num_episodes']} episodes")
+        else:
+            report = data.inspect(args.dir, png=args.png)
+            print(report["text"])
+            print(f"plot: {report['png']}")
+        return 0
+    if args.command == "train":
+        from .learner.api import train_from_cli
+        return train_from_cli(args)
+    if args.command == "eval":
+        from .learner.api import eval_from_cli
+        return eval_from_cli(args)
+    if args.command == "algos":
+        from .learner.api import describe_algorithms
+        print(describe_algorithms())
+        return 0
+    if args.command == "demo":
+        from .learner.api import demo
+        return demo(args.out, steps=args.steps)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""User-facing errors. The CLI prints their message (no traceback) and exits with status 2.
+
+Every message names what is wrong and where (file, column, row, config key) and what to do about it.
+"""
+
+
+class RayOfflineError(Exception):
+    """Base class of errors caused by the user's input rather than by a bug."""
+
+
+class DataError(RayOfflineError):
+    """A dataset source or a converted dataset is missing, unreadable or inconsistent."""
+
+
+class ConfigError(RayOfflineError):
+    """A configuration key, value or combination is invalid."""
+
+
+class CheckpointError(RayOfflineError):
+    """A checkpoint is missing, corrupted or does not fit the run it is loaded into."""

@@ -1,0 +1,116 @@
+"""Member-batched building blocks: every weight carries a leading member dimension.
+
+A network with K members holds K independent copies of its weights stacked as (K, in, out) and runs them with
+one batched matmul: input (K, B, in) -> output (K, B, out). An ensemble of E networks per member (e.g. twin
+critics, E=2) is stored as K*E members, member-major: index k*E + e.
+
+Initialization is per member: member k draws its weights from its own generator, so member k of a K-member
+network equals the K=1 network built with member k's seed, whatever K is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+_MASK = (1 << 63) - 1
+
+
+def mix_seed(seed: int, stream: int) -> int:
+    """Derive an independent 63-bit seed for (seed, stream) (splitmix64 finalizer)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (stream + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK
+
+
+STREAM_INIT, STREAM_NOISE, STREAM_SAMPLE, STREAM_EVAL = 0, 1, 2, 3
+
+
+def init_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """CPU generators for weight initialization, one per member (device-independent weights)."""
+    return [torch.Generator().manual_seed(mix_seed(s, STREAM_INIT)) for s in seeds]
+
+
+class MemberRNG:
+    """K random streams on one device; every draw returns a leading member dim (K, ...).
+
+    Member k's numbers depend only on its seed, so a K-member run reproduces each member's K=1 run.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str, stream: int) -> None:
+        self.device = torch.device(device)
+        self.gens = [torch.Generator(device=self.device).manual_seed(mix_seed(s, stream)) for s in seeds]
+
+    def randint(self, high: int, size: Sequence[int]) -> torch.Tensor:
+        return torch.stack([torch.randint(high, tuple(size), generator=g, device=self.device) for g in self.gens])
+
+    def rand(self, size: Sequence[int]) -> torch.Tensor:
+        return torch.stack([torch.rand(tuple(size), generator=g, device=self.device) for g in self.gens])
+
+    def randn(self, size: Sequence[int]) -> torch.Tensor:
+        return torch.stack([torch.randn(tuple(size), generator=g, device=self.device) for g in self.gens])
+
+    def get_state(self) -> list[torch.Tensor]:
+        return [g.get_state() for g in self.gens]
+
+    def set_state(self, states: Sequence[torch.Tensor]) -> None:
+        if len(states) != len(self.gens):
+            raise ValueError(f"RNG state for {len(states)} members, this run has {len(self.gens)}")
+        for g, s in zip(self.gens, states):
+            g.set_state(s.cpu() if isinstance(s, torch.Tensor) else s)
+
+
+class MemberLinear(nn.Module):
+    """y[m] = x[m] @ W[m] + b[m] for each of M members. W: (M, in, out), b: (M, 1, out)."""
+
+    def __init__(self, in_features: int, out_features: int, gens: Sequence[torch.Generator], ensemble: int = 1,
+                 init_scale: float | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.ensemble = in_features, out_features, ensemble
+        # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+        bound = init_scale if init_scale is not None else 1.0 / math.sqrt(in_features)
+        ws, bs = [], []
+        for g in gens:
+            for _ in range(ensemble):
+                ws.append(torch.empty(in_features, out_features).uniform_(-bound, bound, generator=g))
+                bs.append(torch.empty(1, out_features).uniform_(-bound, bound, generator=g))
+        self.weight = nn.Parameter(torch.stack(ws))  # (M, in, out)
+        self.bias = nn.Parameter(torch.stack(bs))    # (M, 1, out)
+
+    @property
+    def members(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, B, in) -> (M, B, out)
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class MemberMLP(nn.Module):
+    """ReLU MLP with K members (times `ensemble` copies each): (K, B, in) -> (K*E, B, out).
+
+    With ensemble E > 1 the input is shared by the E copies of a member and the output's leading dim is
+    K*E (member-major); use `.view(K, E, B, out)` to split it.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, gens: Sequence[torch.Generator],
+                 ensemble: int = 1, activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
+                 last_init_scale: float | None = None) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden, out_dim]
+        self.ensemble = ensemble
+        self.activation = activation
+        self.layers = nn.ModuleList(
+            MemberLinear(a, b, gens, ensemble, init_scale=(last_init_scale if i == len(dims) - 2 else None))
+            for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ensemble > 1:
+            k, b, d = x.shape
+            x = x.unsqueeze(1).expand(k, self.ensemble, b, d).reshape(k * self.ensemble, b, d)
+        *hidden, last = self.layers
+        for layer in hidden:
+            x = self.activation(layer(x))
+        return last(x)

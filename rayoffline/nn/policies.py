@@ -1,0 +1,112 @@
+"""Actors and critics with a leading member dim K. All actions here live in the normalized space [-1, 1]
+(the algorithm base maps dataset actions into it and `act` maps back), so every policy ends in tanh.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .members import MemberMLP
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class DeterministicActor(nn.Module):
+    """a = tanh(mlp(s)). (K, B, obs) -> (K, B, act)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], gens: Sequence[torch.Generator]) -> None:
+        super().__init__()
+        self.net = MemberMLP(obs_dim, hidden, act_dim, gens)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs))
+
+
+class GaussianActor(nn.Module):
+    """N(tanh(mlp(s)), exp(log_std)) with a state-independent log_std per member (IQL's policy).
+    log_prob of dataset actions is exact (no squashing), the mean is the deterministic action."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], gens: Sequence[torch.Generator],
+                 log_std_min: float = -20.0, log_std_max: float = 2.0) -> None:
+        super().__init__()
+        self.net = MemberMLP(obs_dim, hidden, act_dim, gens)
+        self.log_std = nn.Parameter(torch.zeros(len(gens), 1, act_dim))  # (K, 1, act)
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:  # deterministic action (K, B, act)
+        return torch.tanh(self.net(obs))
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:  # -> (K, B)
+        mean = self.forward(obs)
+        log_std = self.log_std.clamp(self.log_std_min, self.log_std_max)
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z.square() - log_std - 0.5 * LOG_2PI).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC's squashed Gaussian: u ~ N(mu(s), sigma(s)), a = tanh(u). (K, B, obs) -> (K, B, act)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], gens: Sequence[torch.Generator],
+                 log_std_min: float = -20.0, log_std_max: float = 2.0) -> None:
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = MemberMLP(obs_dim, hidden, 2 * act_dim, gens)
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:  # deterministic action tanh(mu)
+        return torch.tanh(self.net(obs)[..., : self.act_dim])
+
+    def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(obs)
+        mean, log_std = out[..., : self.act_dim], out[..., self.act_dim:]
+        return mean, log_std.clamp(self.log_std_min, self.log_std_max)
+
+    def sample(self, obs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterized sample with standard-normal noise eps (same shape as the action).
+        Returns (action (K, B, act), log_prob (K, B))."""
+        mean, log_std = self.dist(obs)
+        u = mean + eps * torch.exp(log_std)
+        a = torch.tanh(u)
+        # log N(u) - sum log(1 - tanh(u)^2), the latter in the stable form 2 (log 2 - u - softplus(-2u))
+        logp = (-0.5 * eps.square() - log_std - 0.5 * LOG_2PI).sum(-1)
+        logp = logp - (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
+        return a, logp
+
+
+class TwinQ(nn.Module):
+    """E (default 2) Q-networks per member on concat(s, a): (K, B, obs), (K, B, act) -> (K, E, B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], gens: Sequence[torch.Generator],
+                 ensemble: int = 2) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        self.net = MemberMLP(obs_dim + act_dim, hidden, 1, gens, ensemble=ensemble)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        k, b, _ = obs.shape
+        return self.net(torch.cat([obs, actions], dim=-1)).view(k, self.ensemble, b)
+
+
+class ValueNet(nn.Module):
+    """V(s): (K, B, obs) -> (K, B)."""
+
+    def __init__(self, obs_dim: int, hidden: Sequence[int], gens: Sequence[torch.Generator]) -> None:
+        super().__init__()
+        self.net = MemberMLP(obs_dim, hidden, 1, gens)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class DiscreteQ(nn.Module):
+    """Q(s, .) over n actions: (K, B, obs) -> (K, B, n)."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int], gens: Sequence[torch.Generator]) -> None:
+        super().__init__()
+        self.net = MemberMLP(obs_dim, hidden, n_actions, gens)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)

@@ -1,0 +1,22 @@
+import os
+
+# Local test clusters are single-machine, loopback-only and short-lived: no token auth, no dashboard,
+# no usage stats; more logical CPUs than cores so Ray Data tasks find slots next to actors.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
