@@ -89,6 +89,10 @@ class TwinQ(nn.Module):
         k, b, _ = obs.shape
         return self.net(torch.cat([obs, actions], dim=-1)).view(k, self.ensemble, b)
 
+    def q1(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """The first critic only: (K, B, obs), (K, B, act) -> (K, B), half the cost of `forward`."""
+        return self.net.forward_copy(torch.cat([obs, actions], dim=-1), 0).squeeze(-1)
+
 
 class ValueNet(nn.Module):
     """V(s): (K, B, obs) -> (K, B)."""
