@@ -1,0 +1,114 @@
+"""The one training loop.
+
+Data lives on the device as one contiguous Batch of N transitions; every step each member draws its own B
+indices on the device (`MemberRNG`, so member k's stream depends only on its seed) and the algorithm's
+`update` generator yields `(group, loss, metrics)`. Between yields the learner runs backward on that group's
+parameters only, averages gradients across data-parallel workers when torch.distributed is initialized, and
+steps the group's optimizer. Metrics stay on the device and are summed there; the host fetches them once per
+log interval (`Learner.pop_metrics`), so a step never waits on the device.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..algorithms.base import Algorithm
+from ..batch import Batch
+from ..errors import CheckpointError
+from ..nn.members import STREAM_SAMPLE, MemberRNG
+
+
+def _adam(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    # fused Adam exists for CPU and CUDA in recent torch: one kernel for all stacked member tensors
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - older torch / unsupported device
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+class Learner:
+    def __init__(self, algorithm: Algorithm, data: Batch, batch_size: int) -> None:
+        self.algorithm = algorithm
+        self.data = data
+        self.n = int(data.rewards.shape[0])
+        self.batch_size = batch_size
+        self.sampler = MemberRNG(algorithm.seeds, algorithm.device, STREAM_SAMPLE)
+        self.groups: dict[str, list[torch.nn.Parameter]] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        for name, (params, lr) in algorithm.optim_groups().items():
+            self.groups[name] = list(params)
+            self.optimizers[name] = _adam(self.groups[name], lr, algorithm.device)
+        self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+
+    def sample(self) -> Batch:
+        idx = self.sampler.randint(self.n, (self.batch_size,))  # (K, B) on the device
+        return self.data.index(idx)
+
+    def step(self, step: int) -> None:
+        """One update of every group, in the algorithm's order. No host synchronization."""
+        batch = self.sample()
+        sums = self._sums
+        for group, loss, metrics in self.algorithm.update(batch, step):
+            params = self.groups[group]
+            for p in params:
+                p.grad = None
+            # loss: (K,) per-member losses, or their sum as a 0-dim tensor; gradients are the same
+            torch.autograd.backward(loss.sum() if loss.dim() else loss, inputs=params)
+            if self._distributed:
+                self._all_reduce(params)
+            self.optimizers[group].step()
+            key = f"loss/{group}"
+            lv = loss.detach() if loss.dim() else (loss.detach() / self.algorithm.K).expand(self.algorithm.K)
+            sums[key] = sums[key] + lv if key in sums else lv.clone()
+            for name, value in metrics.items():
+                key = f"train/{name}"
+                sums[key] = sums[key] + value if key in sums else value.clone()
+        self._count += 1
+
+    @staticmethod
+    def _all_reduce(params: list[torch.nn.Parameter]) -> None:
+        world = torch.distributed.get_world_size()
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def pop_metrics(self) -> dict[str, list[float]]:
+        """Per-member means over the steps since the last call (one host transfer). A loss yielded as a
+        0-dim sum over members is reported as that sum / K for every member."""
+        if not self._count:
+            return {}
+        keys = list(self._sums)
+        values = (torch.stack([self._sums[k].float() for k in keys]) / self._count).cpu().tolist()
+        self._sums, self._count = {}, 0
+        return dict(zip(keys, values))
+
+    # ----- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": self.algorithm.state_dict(),
+            "algorithm_extra": self.algorithm.extra_state(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "sampler_rng": self.sampler.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "checkpoint") -> None:
+        try:
+            self.algorithm.load_state_dict(state["algorithm"])
+            self.algorithm.load_extra_state(state["algorithm_extra"])
+            if set(state["optimizers"]) != set(self.optimizers):
+                raise ValueError(f"optimizer groups {sorted(state['optimizers'])} != {sorted(self.optimizers)}")
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state["optimizers"][k])
+            self.sampler.set_state(state["sampler_rng"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{where}: does not fit this run ({e}); it was written by a different algorithm, "
+                                  f"member count or network shape") from None
