@@ -68,12 +68,27 @@ class TanhGaussianActor(nn.Module):
         """Reparameterized sample with standard-normal noise eps (same shape as the action).
         Returns (action (K, B, act), log_prob (K, B))."""
         mean, log_std = self.dist(obs)
+        return self.squash(mean, log_std, eps)
+
+    @staticmethod
+    def squash(mean: torch.Tensor, log_std: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a = tanh(mean + eps * exp(log_std)) and its log-density; mean/log_std broadcast against eps
+        (e.g. (K, B, 1, act) against N samples (K, B, N, act)). Returns (a, log_prob summed over act)."""
         u = mean + eps * torch.exp(log_std)
         a = torch.tanh(u)
         # log N(u) - sum log(1 - tanh(u)^2), the latter in the stable form 2 (log 2 - u - softplus(-2u))
         logp = (-0.5 * eps.square() - log_std - 0.5 * LOG_2PI).sum(-1)
         logp = logp - (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
         return a, logp
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """Log-density of given actions in (-1, 1) (clipped to +-(1 - eps) before atanh): (K, B)."""
+        mean, log_std = self.dist(obs)
+        a = actions.clamp(-1.0 + eps, 1.0 - eps)
+        u = torch.atanh(a)
+        z = (u - mean) * torch.exp(-log_std)
+        logp = (-0.5 * z.square() - log_std - 0.5 * LOG_2PI).sum(-1)
+        return logp - (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
 
 
 class TwinQ(nn.Module):
