@@ -1,1 +1,9 @@
 """Data layer: converters to sharded Parquet (through Ray Data), builtin datasets, inspection, loading."""
+
+# builtin datasets, loading, inspection (issue 2, loading side)
+from .builtin import behavior_policy, minari_dataset_path, resolve  # noqa: E402,F401
+from .inspect import inspect  # noqa: E402,F401
+from .load import iter_chunks, load, load_metadata  # noqa: E402,F401
+
+# conversion, append and validation (issue 2, converter side)
+from .convert import append, convert, read_metadata  # noqa: E402,F401
