@@ -31,8 +31,8 @@ _FLOAT_FIELDS = ("observations", "next_observations")
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """metadata.json of a converted dataset directory (the converter's `read_metadata` when available)."""
     try:
-        from .convert import read_metadata
-    except ImportError:
+        from .metadata import read_metadata
+    except ImportError:  # the converter's module not there: read the file ourselves
         read_metadata = None
     if read_metadata is not None:
         return read_metadata(path)

@@ -184,7 +184,7 @@ def test_iter_chunks_budget_too_small(ds):
 def test_bad_rank_and_missing_dirs(ds, tmp_path):
     with pytest.raises(ConfigError, match="rank 2 / world_size 2"):
         load(ds[0], 2, 2)
-    with pytest.raises(DataError, match="metadata.json"):
+    with pytest.raises(DataError, match="nope"):
         load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "metadata.json").write_text((ds[0] / "metadata.json").read_text())
