@@ -236,18 +236,18 @@ def _plot(s: dict[str, Any], png: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(12, 4), constrained_layout=True)
+    fig = Figure(figsize=(13, 4), constrained_layout=True)
     FigureCanvasAgg(fig)
     ax_r, ax_l, ax_a = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1.4]})
     returns = s["returns"]
     ax_r.hist(returns, bins=min(50, max(10, len(returns) // 4)), color="tab:blue", alpha=0.85)
     for q, ls in ((50, "-"), (5, ":"), (95, ":")):
         ax_r.axvline(np.percentile(returns, q), color="k", ls=ls, lw=1)
-    ax_r.set_title(f"episode returns (n={len(returns)}; median, p5, p95)")
+    ax_r.set_title(f"returns of {len(returns)} episodes (median, p5, p95)")
     ax_r.set_xlabel("return")
     ax_r.set_ylabel("episodes")
     ax_l.hist(s["episode_lengths"], bins=30, color="tab:gray")
-    ax_l.set_title(f"episode lengths ({s['episodes_terminated']} term., {s['episodes_truncated']} trunc.)")
+    ax_l.set_title(f"lengths ({s['episodes_terminated']} term., {s['episodes_truncated']} trunc.)")
     ax_l.set_xlabel("steps")
     if "action_counts" in s:
         counts = s["action_counts"]
