@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from rayoffline.data import builtin
 from rayoffline.errors import DataError
@@ -179,3 +180,31 @@ def test_resolve_directories(tmp_path):
         builtin.resolve("minari:mujoco/hopper/medium-v0")
     (tmp_path / "plain" / "metadata.json").write_text("{}")
     assert builtin.resolve(str(tmp_path / "plain")) == tmp_path / "plain"
+
+
+def test_resolve_builtin_converts_once(ray_cluster):
+    from rayoffline.data import load, load_metadata
+
+    path = builtin.resolve("builtin:pendulum-medium")
+    assert path == builtin.converted_path("pendulum-medium")
+    assert str(path).startswith(os.environ["RAYOFFLINE_CACHE"])
+    meta = load_metadata(path)
+    assert meta["num_transitions"] == 20_000 and meta["num_episodes"] == 100
+    assert meta["env_id"] == "Pendulum-v1" and meta["source"] == "builtin:pendulum-medium"
+    assert (meta["ref_min_score"], meta["ref_max_score"]) == pytest.approx(builtin.reference_scores("pendulum"))
+    assert meta["num_truncations"] == 100 and meta["num_terminations"] == 0
+    b = load(path)
+    assert b.truncations.sum() == 100 and b.terminations.sum() == 0
+    # truncated ends keep the real next observation: a unit (cos, sin) vector, not a copy of the observation
+    ends = b.truncations.bool()
+    nxt = b.next_observations[ends]
+    assert torch.allclose(nxt[:, 0] ** 2 + nxt[:, 1] ** 2, torch.ones(100), atol=1e-5)
+    assert not torch.equal(nxt, b.observations[ends])
+    # within an episode, next_observations[t] == observations[t + 1]
+    inner = ~ends[:-1]
+    assert torch.equal(b.next_observations[:-1][inner], b.observations[1:][inner])
+    # cached: no rebuild, and the returned directory is complete
+    mtime = (path / "metadata.json").stat().st_mtime_ns
+    assert builtin.resolve("builtin:pendulum-medium") == path
+    assert (path / "metadata.json").stat().st_mtime_ns == mtime
+    assert list((builtin.cache_root() / "tmp").iterdir()) == []

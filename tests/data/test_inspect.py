@@ -87,3 +87,14 @@ def test_poor_coverage_and_unfinished_episodes(tmp_path):
 def test_missing_dataset_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         inspect(tmp_path / "nothing")
+
+
+def test_inspect_builtin(ray_cluster, tmp_path):
+    r = inspect("builtin:cartpole-medium", png=tmp_path / "c.png")
+    text = r["text"]
+    assert "source      builtin:cartpole-medium   env CartPole-v1" in text
+    assert "Discrete(2)" in text and "normalized  mean" in text
+    s = r["summary"]
+    assert s["num_transitions"] >= 20_000 and s["episodes_terminated"] + s["episodes_truncated"] == s["num_episodes"]
+    assert 60 < s["return_stats"]["mean"] < 200
+    assert (tmp_path / "c.png").stat().st_size > 10_000
