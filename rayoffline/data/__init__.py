@@ -1,7 +1,7 @@
 """Data layer: converters to sharded Parquet (through Ray Data), builtin datasets, inspection, loading."""
 
 # builtin datasets, loading, inspection (issue 2, loading side)
-from .builtin import behavior_policy, minari_dataset_path, resolve  # noqa: E402,F401
+from .builtin import behavior_policy, behavior_return, minari_dataset_path, resolve  # noqa: E402,F401
 from .inspect import inspect  # noqa: E402,F401
 from .load import iter_chunks, load, load_metadata  # noqa: E402,F401
 

@@ -159,6 +159,13 @@ def behavior_policy(name: str, seed: int = DEFAULT_SEED) -> ScriptedPolicy:
     return ScriptedPolicy(name, seed)
 
 
+def behavior_return(name: str, episodes: int = 20, seed: int = _REF_SEED + 1) -> float:
+    """Mean online return of the behavior policy of `builtin:NAME` over `episodes` fresh episodes (seeds
+    apart from the dataset's): the bar an offline learner trained on it should clear."""
+    eps = rollout(name, episodes=episodes, seed=seed, env_seed_base=seed * 1000)
+    return float(np.mean([e.ret for e in eps]))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Collection
 # ---------------------------------------------------------------------------------------------------------

@@ -98,6 +98,11 @@ def test_behavior_policy_formats():
     assert q(np.zeros(4, np.float32)) in (0, 1)
 
 
+def test_behavior_return_online():
+    assert -900 < builtin.behavior_return("pendulum-medium", episodes=10) < -450
+    assert builtin.behavior_return("cartpole-expert", episodes=3) > 475
+
+
 def test_reference_scores():
     lo, hi = builtin.reference_scores("pendulum")
     assert lo < -1000 and -250 < hi < -130
