@@ -1,0 +1,158 @@
+"""metadata.json: reading (with errors that name the file), atomic writing, statistics and content hashes.
+
+Statistics follow schema.py. Episode returns are undiscounted sums of the rewards of an episode's stored
+transitions; observation mean/std are per dimension over `observations` (not `next_observations`).
+Infinite space bounds are written as JSON `Infinity`/`-Infinity`, which Python's json reads back as floats.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+from .schema import METADATA_FILE, SCHEMA_VERSION
+
+REQUIRED_KEYS = ("schema_version", "source", "content_hash", "env_id", "observation_space", "action_space",
+                 "num_transitions", "num_episodes", "obs_mean", "obs_std", "partitions")
+PERCENTILES = (5, 25, 50, 75, 95)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata.json of converted dataset directory `path` (DataError naming the file if missing/corrupt)."""
+    path = Path(path).expanduser()
+    file = path / METADATA_FILE if path.is_dir() or not path.name.endswith(".json") else path
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset directory (make one with `rayoffline data convert SOURCE --out DIR`)")
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{file}: missing; {path} is not a converted dataset directory (make one with "
+                        f"`rayoffline data convert SOURCE --out DIR`)") from None
+    except OSError as e:
+        raise DataError(f"{file}: cannot read ({e})") from e
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{file}: corrupt JSON ({e}); restore it or convert the source again") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{file}: corrupt: expected a JSON object, found {type(meta).__name__}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise DataError(f"{file}: corrupt or not a rayoffline dataset: missing keys {', '.join(missing)}")
+    version = meta["schema_version"]
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise DataError(f"{file}: schema_version {version!r} is newer than this rayoffline supports "
+                        f"({SCHEMA_VERSION}); upgrade rayoffline")
+    if not isinstance(meta["partitions"], list) or not all(
+            isinstance(p, dict) and "name" in p and "files" in p for p in meta["partitions"]):
+        raise DataError(f"{file}: corrupt: 'partitions' must be a list of {{name, files, ...}} objects")
+    return meta
+
+
+def write_metadata(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write DIR/metadata.json atomically: a temporary file in DIR, flushed, then os.replace."""
+    directory = Path(directory)
+    final = directory / METADATA_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".metadata.", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return final
+
+
+def content_hash(columns: dict[str, np.ndarray]) -> str:
+    """sha256 over the columns' names, dtypes, shapes and bytes, in the given order (deterministic)."""
+    h = hashlib.sha256()
+    for name, a in columns.items():
+        a = np.ascontiguousarray(a)
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def combine_hashes(hashes: list[str]) -> str:
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def episode_stats(rewards: np.ndarray, episode_id: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """(return_stats, episode_length_stats) from per-transition rewards and episode ids."""
+    _, inv = np.unique(episode_id, return_inverse=True)
+    returns = np.bincount(inv, weights=rewards.astype(np.float64))
+    lengths = np.bincount(inv)
+    ret = {"mean": float(returns.mean()), "std": float(returns.std()), "min": float(returns.min()),
+           "max": float(returns.max())}
+    for q, v in zip(PERCENTILES, np.percentile(returns, PERCENTILES)):
+        ret[f"p{q}"] = float(v)
+    length = {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max())}
+    return ret, length
+
+
+def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and (population) std in float64, in blocks to bound the temporary memory."""
+    x2 = x.reshape(len(x), -1)
+    step = 1 << 18
+    n = max(len(x2), 1)
+    s = np.zeros(x2.shape[1])
+    for i in range(0, len(x2), step):
+        s += x2[i:i + step].sum(0, dtype=np.float64)
+    mean = s / n
+    var = np.zeros_like(mean)  # second pass over mean-free blocks: no E[x^2] - E[x]^2 cancellation
+    for i in range(0, len(x2), step):
+        var += np.square(x2[i:i + step].astype(np.float64) - mean).sum(0)
+    return mean, np.sqrt(var / n)
+
+
+def pool_moments(parts: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of a union from each part's (count, mean, std)."""
+    n = sum(p[0] for p in parts)
+    mean = sum(p[0] * np.asarray(p[1], np.float64) for p in parts) / n
+    second = sum(p[0] * (np.square(np.asarray(p[2], np.float64)) + np.square(np.asarray(p[1], np.float64) - mean))
+                 for p in parts) / n
+    return mean, np.sqrt(np.maximum(second, 0.0))
+
+
+def build_metadata(*, source: str, env_id: str | None, env_spec: str | None, observation_space: dict,
+                   action_space: dict, rewards: np.ndarray, episode_id: np.ndarray, num_terminations: int,
+                   num_truncations: int, obs_mean, obs_std, ref_min_score, ref_max_score,
+                   partitions: list[dict]) -> dict[str, Any]:
+    """metadata.json in schema.py's key order. `rewards`/`episode_id` cover every partition."""
+    ret, length = episode_stats(rewards, episode_id)
+    r_mean, r_std = moments(rewards)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "content_hash": combine_hashes([p["content_hash"] for p in partitions]),
+        "env_id": env_id,
+        "env_spec": env_spec,
+        "observation_space": observation_space,
+        "action_space": action_space,
+        "num_transitions": int(len(rewards)),
+        "num_episodes": int(len(np.unique(episode_id))),
+        "num_terminations": int(num_terminations),
+        "num_truncations": int(num_truncations),
+        "return_stats": ret,
+        "episode_length_stats": length,
+        "obs_mean": [float(x) for x in obs_mean],
+        "obs_std": [float(x) for x in obs_std],
+        "reward_mean": float(r_mean[0]),
+        "reward_std": float(r_std[0]),
+        "ref_min_score": None if ref_min_score is None else float(ref_min_score),
+        "ref_max_score": None if ref_max_score is None else float(ref_max_score),
+        "partitions": partitions,
+    }

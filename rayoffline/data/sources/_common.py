@@ -1,0 +1,189 @@
+"""What every source reader hands to the converter, and the checks they share.
+
+A reader turns one input file (or one Minari dataset) into a `Chunk`: whole numpy columns in the file's
+own row order, already checked for dtype, shape, nulls and non-finite values, each error naming the file,
+the column and the row. The converter then checks the chunks against each other and against the action
+space, and assembles episodes (`rayoffline.data.convert`). Rows in messages count from 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ...errors import DataError
+
+FIELDS = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations",
+          "episode_id", "step")
+
+
+def describe_row(row: int) -> str:
+    return f"row {row}"
+
+
+@dataclass
+class Chunk:
+    """Transitions from one file, in the file's row order (n rows)."""
+
+    file: str
+    """Path (or id) named in error messages."""
+    columns: dict[str, str]
+    """Field -> the source's column (or HDF5 key) it came from, named in error messages."""
+    observations: np.ndarray
+    """(n, obs_dim) float32"""
+    actions: np.ndarray
+    """(n, act_dim) float32 for Box actions | (n,) int64 for Discrete actions"""
+    rewards: np.ndarray
+    """(n,) float32"""
+    terminations: np.ndarray
+    """(n,) bool"""
+    truncations: np.ndarray
+    """(n,) bool"""
+    episode_key: np.ndarray
+    """(n,) int64: which episode each row belongs to; equal keys across chunks of a source are one episode."""
+    next_observations: np.ndarray | None = None
+    """(n, obs_dim) float32, or None: derived from the next row of the same episode (see convert.py)."""
+    order: np.ndarray | None = None
+    """(n,) int64 position within the episode (a `step`/`t` column), or None: the file's row order."""
+    describe: Callable[[int], str] = describe_row
+    """Row index -> where it is in the source ("row 17", "episode 3, step 5")."""
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    @property
+    def discrete(self) -> bool:
+        return self.actions.ndim == 1
+
+
+@dataclass
+class SourceData:
+    """Everything a reader found: chunks plus what the source says about itself."""
+
+    source_id: str
+    chunks: list[Chunk]
+    observation_space: dict[str, Any] | None = None
+    """Schema-style space (see schema.py) when the source describes it; None: infer from the data."""
+    action_space: dict[str, Any] | None = None
+    env_id: str | None = None
+    env_spec: str | None = None
+    """gymnasium EnvSpec JSON when the source carries it."""
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks on whole arrays (no per-row Python)
+
+def first_true(mask: np.ndarray) -> int:
+    """Index of the first True of a 1-D bool mask (caller knows there is one)."""
+    return int(np.argmax(mask))
+
+
+def check_numeric(arr: np.ndarray, file: str, column: str, what: str = "numbers") -> None:
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{file}: column {column!r} has dtype {arr.dtype} but must hold {what}; "
+                        f"map another column or fix the file")
+
+
+def check_finite(arr: np.ndarray, file: str, column: str, describe: Callable[[int], str] = describe_row,
+                 row_offset: np.ndarray | None = None) -> None:
+    """Raise naming the first row of `arr` holding NaN or +-inf."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return
+    bad = ~np.isfinite(arr)
+    if bad.ndim > 1:
+        bad = bad.reshape(len(bad), -1).any(axis=1)
+    if bad.any():
+        r = first_true(bad)
+        n_bad = int(bad.sum())
+        value = arr[r].tolist()
+        src = int(row_offset[r]) if row_offset is not None else r
+        raise DataError(f"{file}: column {column!r} holds a non-finite value at {describe(src)} "
+                        f"(value {value}; {n_bad} row(s) affected in this file); drop or repair those rows "
+                        f"before converting")
+
+
+def as_flags(arr: np.ndarray, file: str, column: str, describe: Callable[[int], str] = describe_row) -> np.ndarray:
+    """A termination/truncation column as bool: bool, or numbers that are all 0 or 1."""
+    arr = np.asarray(arr)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DataError(f"{file}: column {column!r} has shape {arr.shape[1:]} per row but must be one flag per row")
+    if arr.dtype == np.bool_:
+        return arr
+    if arr.dtype.kind not in "iuf":
+        raise DataError(f"{file}: column {column!r} has dtype {arr.dtype} but must be bool (or 0/1)")
+    bad = (arr != 0) & (arr != 1)
+    if bad.any():
+        r = first_true(bad)
+        raise DataError(f"{file}: column {column!r} must be bool or 0/1 but holds {arr[r].item()!r} at "
+                        f"{describe(r)}")
+    return arr != 0
+
+
+def as_observations(arr: np.ndarray, file: str, column: str,
+                    describe: Callable[[int], str] = describe_row) -> np.ndarray:
+    """(n, obs_dim) float32 from a 1-D (obs_dim 1 is NOT assumed) or 2-D numeric array."""
+    arr = np.asarray(arr)
+    check_numeric(arr, file, column)
+    if arr.ndim == 1:
+        raise DataError(f"{file}: column {column!r} holds one scalar per row but observations must be vectors "
+                        f"(n, obs_dim); for numbered scalar columns map them as observations=PREFIX_*")
+    if arr.ndim > 2:
+        raise DataError(f"{file}: column {column!r} has shape {arr.shape[1:]} per row: image or multi-dimensional "
+                        f"observations are not supported yet; flatten them to vectors first")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    check_finite(out, file, column, describe)
+    return out
+
+
+def as_actions(arr: np.ndarray, file: str, column: str,
+               describe: Callable[[int], str] = describe_row) -> np.ndarray:
+    """Integer (or bool) scalars -> Discrete (n,) int64; floats -> Box (n, act_dim) float32."""
+    arr = np.asarray(arr)
+    check_numeric(arr, file, column)
+    if arr.ndim > 2:
+        raise DataError(f"{file}: column {column!r} has shape {arr.shape[1:]} per row; actions must be a "
+                        f"vector (Box) or one integer (Discrete) per row")
+    if arr.dtype.kind in "biu" and (arr.ndim == 1 or arr.shape[1] == 1):
+        return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    check_finite(out, file, column, describe)
+    return out
+
+
+def as_rewards(arr: np.ndarray, file: str, column: str,
+               describe: Callable[[int], str] = describe_row) -> np.ndarray:
+    arr = np.asarray(arr)
+    check_numeric(arr, file, column)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DataError(f"{file}: column {column!r} has shape {arr.shape[1:]} per row but rewards must be one "
+                        f"number per row")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    check_finite(out, file, column, describe)
+    return out
+
+
+def episode_keys_from_flags(ends: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Episode key of each row when episodes are consecutive rows ending where `ends` is True."""
+    key = np.zeros(len(ends), dtype=np.int64)
+    if len(ends) > 1:
+        np.cumsum(ends[:-1], out=key[1:])
+    return key + offset
+
+
+def check_lengths(file: str, lengths: dict[str, int]) -> None:
+    """All columns of a file must have as many rows."""
+    values = set(lengths.values())
+    if len(values) > 1:
+        desc = ", ".join(f"{k!r}: {v}" for k, v in lengths.items())
+        raise DataError(f"{file}: columns have different numbers of rows ({desc}); every column needs one "
+                        f"entry per transition")

@@ -1,0 +1,279 @@
+"""Columnar files: RLlib-recorded Parquet, and any Parquet/CSV with a column mapping.
+
+Column mapping: FIELD=COLUMN for FIELD in observations, actions, rewards, next_observations, terminations,
+truncations, episode_id, step. COLUMN is a list column (fixed-size or variable lists whose rows all have one
+length, Ray tensor columns), a scalar column, or `PREFIX_*` for numbered scalar columns PREFIX_0, PREFIX_1, ...
+stacked into a vector. A field left out of the mapping uses the column of its own name when there is one,
+then RLlib's name for it (obs, new_obs, terminateds, truncateds, eps_id, t): RLlib output needs no mapping.
+
+Required: observations, actions, rewards, terminations. Optional:
+  next_observations  absent -> taken from the next row of the same episode (see convert.py for the ends)
+  truncations        absent -> all False (an episode the data ends without a flag still counts as truncated)
+  episode_id         absent -> episodes are consecutive rows of one file, ending after a termination or
+                     truncation; present -> any type (ints, RLlib's uuid strings); equal ids in different
+                     files are one episode (RLlib writes long episodes in several chunks)
+  step               absent -> row order; present -> rows of an episode are ordered by it (RLlib's `t`)
+
+RLlib compresses `obs`/`new_obs` by default (`output_compress_columns`): base64 strings of LZ4-compressed
+pickles. They are decoded row by row (the only per-row Python in the converters) with `pickle` - only convert
+recordings you trust, exactly as RLlib itself would when reading them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...errors import DataError
+from ._common import (FIELDS, Chunk, SourceData, as_actions, as_flags, as_observations, as_rewards,
+                      check_lengths, episode_keys_from_flags)
+
+RLLIB_COLUMNS = {"observations": "obs", "actions": "actions", "rewards": "rewards", "next_observations": "new_obs",
+                 "terminations": "terminateds", "truncations": "truncateds", "episode_id": "eps_id", "step": "t"}
+REQUIRED = ("observations", "actions", "rewards", "terminations")
+SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+def list_files(path: Path) -> list[Path]:
+    """The Parquet/CSV files of `path` (a file, or a directory searched recursively), in sorted order."""
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    if not files:
+        raise DataError(f"{path}: no .parquet or .csv files found in this directory (nor below it)")
+    return files
+
+
+def check_mapping(mapping: dict[str, str] | None) -> dict[str, str]:
+    mapping = dict(mapping or {})
+    for k, v in mapping.items():
+        if k not in FIELDS:
+            raise DataError(f"column mapping {k}={v}: unknown field {k!r}; fields are {', '.join(FIELDS)}")
+        if not v:
+            raise DataError(f"column mapping {k}=: empty column name")
+    return mapping
+
+
+def _read_table(path: Path):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() == ".csv":
+            return pcsv.read_csv(path)
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
+        raise DataError(f"{path}: cannot read this {kind} file ({type(e).__name__}: {e}); is it complete and "
+                        f"really {kind}?") from e
+
+
+def resolve_mapping(file: str, names: list[str], mapping: dict[str, str]) -> tuple[dict[str, Any], bool]:
+    """Field -> column name (or list of column names for PREFIX_*), and whether RLlib's names were used."""
+    present = set(names)
+    out: dict[str, Any] = {}
+    rllib = False
+    for f in FIELDS:
+        spec = mapping.get(f)
+        if spec is None:
+            if f in present:
+                out[f] = f
+            elif RLLIB_COLUMNS[f] in present:
+                out[f] = RLLIB_COLUMNS[f]
+                rllib = True
+            continue
+        if spec.endswith("*"):
+            prefix = spec[:-1]
+            pat = re.compile(re.escape(prefix) + r"(\d+)$")
+            idx = sorted((int(m.group(1)), n) for n in names if (m := pat.match(n)))
+            if not idx:
+                raise DataError(f"{file}: column mapping {f}={spec} matches no column (looked for "
+                                f"{prefix}0, {prefix}1, ...); columns present: {', '.join(names)}")
+            want = list(range(len(idx)))
+            if [i for i, _ in idx] != want:
+                missing = sorted(set(want) - {i for i, _ in idx})
+                raise DataError(f"{file}: column mapping {f}={spec}: numbered columns must run {prefix}0.."
+                                f"{prefix}{len(idx) - 1} without gaps; missing {prefix}{missing[0] if missing else '?'}")
+            out[f] = [n for _, n in idx]
+        else:
+            if spec not in present:
+                raise DataError(f"{file}: column {spec!r} (mapped to {f}) not found; columns present: "
+                                f"{', '.join(names)}")
+            out[f] = spec
+    for f in REQUIRED:
+        if f not in out:
+            raise DataError(f"{file}: missing column for {f!r}: no column named {f!r}"
+                            + (f" or {RLLIB_COLUMNS[f]!r}" if RLLIB_COLUMNS[f] != f else "")
+                            + f"; columns present: {', '.join(names)}. Map one with --map {f}=COLUMN")
+    return out, rllib
+
+
+def _unpack_rllib(arr, file: str, column: str) -> np.ndarray:
+    """RLlib's compressed column: one base64(lz4(pickle(ndarray))) string per row."""
+    import base64
+    import pickle
+
+    try:
+        import lz4.frame
+    except ImportError as e:  # pragma: no cover - lz4 comes with ray[rllib]
+        raise DataError(f"{file}: column {column!r} holds RLlib-compressed values; install lz4 to read them") from e
+    values = arr.to_pylist()
+    rows = []
+    for r, v in enumerate(values):
+        try:
+            rows.append(np.asarray(pickle.loads(lz4.frame.decompress(base64.b64decode(v))), dtype=np.float64))
+        except Exception as e:
+            raise DataError(f"{file}: column {column!r} holds text/bytes that are not RLlib-compressed arrays "
+                            f"(row {r}: {type(e).__name__}); it must hold numbers or lists of numbers") from e
+    shapes = {x.shape for x in rows}
+    if len(shapes) > 1:
+        first = rows[0].shape
+        r = next(i for i, x in enumerate(rows) if x.shape != first)
+        raise DataError(f"{file}: column {column!r} has shape {rows[r].shape} at row {r} but {first} at row 0; "
+                        f"all rows need the same shape")
+    return np.stack(rows) if rows else np.zeros((0, 0))
+
+
+def arrow_to_numpy(col, file: str, column: str, allow_packed: bool = False) -> np.ndarray:
+    """A Parquet/CSV column as numpy: (n,) for scalars, (n, k) for list/tensor columns of one length k."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(arr, pa.ChunkedArray):  # pragma: no cover - combine_chunks of an extension column
+        arr = pa.concat_arrays(arr.chunks)
+    if isinstance(arr.type, pa.BaseExtensionType):
+        shape = getattr(arr.type, "shape", None)
+        if shape is not None and len(shape) > 1:
+            raise DataError(f"{file}: column {column!r} holds tensors of shape {tuple(shape)}: image or "
+                            f"multi-dimensional values are not supported yet; flatten them to vectors first")
+        arr = arr.storage
+    if arr.null_count:
+        r = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{file}: column {column!r} is empty (null) at row {r}; every transition needs a value")
+    t = arr.type
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        n = len(arr)
+        if pa.types.is_fixed_size_list(t):
+            width = t.list_size
+        else:
+            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+            width = int(lengths[0]) if n else 0
+            bad = lengths != width
+            if bad.any():
+                r = int(np.argmax(bad))
+                raise DataError(f"{file}: column {column!r} has {int(lengths[r])} values at row {r} but {width} "
+                                f"at row 0 (wrong shape); every row needs the same length")
+        values = arr.flatten()
+        vt = values.type
+        if pa.types.is_fixed_size_list(vt) or pa.types.is_list(vt) or pa.types.is_large_list(vt):
+            raise DataError(f"{file}: column {column!r} holds nested lists: image or multi-dimensional values "
+                            f"are not supported yet; flatten them to vectors first")
+        if values.null_count:
+            r = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // max(width, 1)
+            raise DataError(f"{file}: column {column!r} has a null entry at row {r}")
+        if not (pa.types.is_integer(vt) or pa.types.is_floating(vt) or pa.types.is_boolean(vt)):
+            raise DataError(f"{file}: column {column!r} holds lists of {vt} but must hold numbers")
+        return values.to_numpy(zero_copy_only=False).reshape(n, width)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        if allow_packed:
+            return _unpack_rllib(arr, file, column)
+        raise DataError(f"{file}: column {column!r} has dtype {t} but must hold numbers or lists of numbers")
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return arr.to_numpy(zero_copy_only=False)
+    raise DataError(f"{file}: column {column!r} has dtype {t} but must hold numbers or lists of numbers")
+
+
+def _field_array(table, file: str, spec, field: str) -> np.ndarray:
+    if isinstance(spec, list):  # numbered scalar columns
+        cols = [arrow_to_numpy(table.column(c), file, c) for c in spec]
+        for c, a in zip(spec, cols):
+            if a.ndim != 1:
+                raise DataError(f"{file}: column {c!r} (part of {field}) must hold one number per row")
+        return np.stack(cols, axis=1)
+    return arrow_to_numpy(table.column(spec), file, spec, allow_packed=field in ("observations", "next_observations"))
+
+
+def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mapping = check_mapping(mapping)
+    files = list_files(path)
+    chunks: list[Chunk] = []
+    raw_ids: list[Any] = []
+    any_rllib = False
+    key_offset = 0
+    for fpath in files:
+        file = str(fpath)
+        table = _read_table(fpath)
+        spec, rllib = resolve_mapping(file, table.column_names, mapping)
+        any_rllib |= rllib
+        names = {f: (s if isinstance(s, str) else f"{s[0]}..{s[-1]}") for f, s in spec.items()}
+        arrays = {f: _field_array(table, file, s, f) for f, s in spec.items() if f != "episode_id"}
+        check_lengths(file, {names[f]: len(a) for f, a in arrays.items()})
+        obs = as_observations(arrays["observations"], file, names["observations"])
+        nxt = None
+        if "next_observations" in arrays:
+            nxt = as_observations(arrays["next_observations"], file, names["next_observations"])
+            if nxt.shape[1] != obs.shape[1]:
+                raise DataError(f"{file}: column {names['next_observations']!r} has {nxt.shape[1]} values per row "
+                                f"but {names['observations']!r} has {obs.shape[1]}; they must match")
+        term = as_flags(arrays["terminations"], file, names["terminations"])
+        trunc = (as_flags(arrays["truncations"], file, names["truncations"]) if "truncations" in arrays
+                 else np.zeros(len(term), dtype=bool))
+        order = None
+        if "step" in arrays:
+            step = arrays["step"]
+            if step.ndim != 1 or step.dtype.kind not in "iu":
+                raise DataError(f"{file}: column {names['step']!r} (step) must hold one integer per row, "
+                                f"got dtype {step.dtype} and shape {step.shape[1:]}")
+            order = step.astype(np.int64)
+        if "episode_id" in spec:
+            ids = table.column(spec["episode_id"]).combine_chunks()
+            if ids.null_count:
+                r = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
+                raise DataError(f"{file}: column {names['episode_id']!r} (episode id) is empty (null) at row {r}")
+            if not (pa.types.is_integer(ids.type) or pa.types.is_string(ids.type)
+                    or pa.types.is_large_string(ids.type) or pa.types.is_binary(ids.type)):
+                raise DataError(f"{file}: column {names['episode_id']!r} (episode id) has dtype {ids.type}; "
+                                f"episode ids must be integers or strings")
+            raw_ids.append(ids)
+            key = None
+        else:
+            raw_ids.append(None)
+            key = episode_keys_from_flags(term | trunc, key_offset)
+            key_offset = int(key[-1]) + 1 if len(key) else key_offset
+        chunks.append(Chunk(
+            file=file, columns=names, observations=obs,
+            actions=as_actions(arrays["actions"], file, names["actions"]),
+            rewards=as_rewards(arrays["rewards"], file, names["rewards"]),
+            terminations=term, truncations=trunc, next_observations=nxt, order=order,
+            episode_key=key if key is not None else np.zeros(0, np.int64)))
+    have_ids = [r is not None for r in raw_ids]
+    if any(have_ids) and not all(have_ids):
+        a = files[have_ids.index(True)]
+        b = files[have_ids.index(False)]
+        raise DataError(f"{b}: has no episode id column but {a} has one; all files need the same columns")
+    if all(have_ids):
+        types = {r.type for r in raw_ids}
+        if len(types) > 1:
+            raw_ids = [r.cast(pa.string()) for r in raw_ids]
+        codes = pc.dictionary_encode(pa.concat_arrays(raw_ids)).indices.to_numpy(zero_copy_only=False)
+        codes = codes.astype(np.int64)
+        start = 0
+        for c in chunks:
+            c.episode_key = codes[start:start + len(c)]
+            start += len(c)
+    for c in chunks:
+        if c.next_observations is None and any(x.next_observations is not None for x in chunks):
+            other = next(x for x in chunks if x.next_observations is not None)
+            raise DataError(f"{c.file}: has no next-observation column but {other.file} has "
+                            f"{other.columns['next_observations']!r}; all files need the same columns")
+    kind = "rllib" if any_rllib else ("csv" if all(f.suffix.lower() == ".csv" for f in files) else "parquet")
+    return SourceData(source_id=f"{kind}:{os.path.abspath(path)}", chunks=chunks)
