@@ -123,6 +123,29 @@ def append(source: str, to: str | os.PathLike, mapping: dict[str, str] | None = 
     the dataset's first partition.
     """
     root = Path(to).expanduser().absolute()
+    read_metadata(root)  # a clear error before anything else when `to` is not a dataset
+    with _append_lock(root):
+        return _append_locked(source, root, mapping, shards)
+
+
+@contextlib.contextmanager
+def _append_lock(root: Path):
+    """Appends to one dataset run one at a time: an advisory lock on the directory itself (no lock file, so a
+    failed append leaves the directory exactly as it was; readers never take it)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _append_locked(source: str, root: Path, mapping: dict[str, str] | None, shards: int | None) -> dict[str, Any]:
     meta = read_metadata(root)
     old = _read_existing_scalars(root, meta)
     data = read_source(source, mapping)

@@ -165,6 +165,15 @@ def test_more_shards_than_transitions(ray_cluster, minari_root, tmp_path):
     check_layout(tmp_path / "out", meta, shards=3)
 
 
+def test_minari_arrow_format_goes_through_minari_storage(ray_cluster, minari_root, tmp_path):
+    eps = episodes(obs_dim=3, act_dim=1, layout=[(3, "trunc"), (2, "term")], act_scale=2.0)
+    make_minari("test/arrow-v0", eps, data_format="arrow")
+    meta = convert("minari:test/arrow-v0", tmp_path / "out", shards=2)
+    rows = read_converted(tmp_path / "out")
+    check_stats(meta, rows)
+    check_rows_equal(rows, expected_from_episodes(eps))
+
+
 def test_builtin_source_goes_through_minari_dataset_path(ray_cluster, minari_root, tmp_path, monkeypatch):
     import rayoffline.data.builtin as builtin
 
