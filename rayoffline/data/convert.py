@@ -288,7 +288,7 @@ def _check_spaces(data: SourceData, env_id: str | None = None, existing: dict | 
         want_env = env_id or (data.env_id if obs_space is None or act_space is None else None)
         made = _env_spaces(want_env) if want_env else None
         if made is not None:
-            if env_id is not None:
+            if env_id is not None or env_spec is None:
                 env_spec = made[2]
             if obs_space is None:
                 obs_space = space_json(made[0], f"env {want_env}", "observation")

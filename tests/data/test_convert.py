@@ -270,6 +270,20 @@ def test_hdf5_with_next_observations_keeps_every_row(ray_cluster, tmp_path):
     assert json.loads(meta["env_spec"])["id"] == "Pendulum-v1"
 
 
+def test_hdf5_env_id_attribute_gives_spaces(ray_cluster, tmp_path):
+    import h5py
+
+    eps = episodes(obs_dim=3, act_dim=1, layout=[(3, "trunc"), (2, "term")], act_scale=2.0)
+    _, cols = d4rl_columns(eps)
+    path = write_hdf5(tmp_path / "d.hdf5", cols)
+    with h5py.File(path, "a") as f:
+        f.attrs["env_id"] = "Pendulum-v1"
+    meta = convert(str(path), tmp_path / "out", shards=1)
+    assert meta["env_id"] == "Pendulum-v1" and json.loads(meta["env_spec"])["id"] == "Pendulum-v1"
+    assert meta["action_space"] == {"type": "Box", "shape": [1], "low": [-2.0], "high": [2.0]}
+    assert meta["observation_space"]["high"] == [1.0, 1.0, 8.0]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # RLlib-recorded Parquet
 
