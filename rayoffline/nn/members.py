@@ -112,8 +112,13 @@ class MemberMLP(nn.Module):
             x = x.unsqueeze(1).expand(k, self.ensemble, b, d).reshape(k * self.ensemble, b, d)
         *hidden, last = self.layers
         for layer in hidden:
-            x = self.activation(layer(x))
+            x = self._activate(layer(x))
         return last(x)
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        # A layer's output is a fresh tensor that no backward reads (baddbmm saves only its inputs), so ReLU can
+        # run in place: one memory pass and one allocation fewer per hidden layer (~6% of an IQL update on CPU).
+        return torch.relu_(h) if self.activation is torch.relu else self.activation(h)
 
     def forward_copy(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Run only ensemble copy `index` of every member: (K, B, in) -> (K, B, out). Costs 1/E of `forward`
@@ -123,7 +128,7 @@ class MemberMLP(nn.Module):
         for layer in hidden:
             w = layer.weight.view(-1, e, *layer.weight.shape[1:])[:, index]  # (K, in, out) strided view
             bias = layer.bias.view(-1, e, *layer.bias.shape[1:])[:, index]
-            x = self.activation(torch.baddbmm(bias, x, w))
+            x = self._activate(torch.baddbmm(bias, x, w))
         w = last.weight.view(-1, e, *last.weight.shape[1:])[:, index]
         bias = last.bias.view(-1, e, *last.bias.shape[1:])[:, index]
         return torch.baddbmm(bias, x, w)
