@@ -15,7 +15,7 @@ import pytest
 from rayoffline.cli import main
 from rayoffline.data import append, convert
 
-from ._convert_helpers import episodes, flat_rows, make_minari, write_hdf5, write_parquet
+from ._convert_helpers import episodes, make_minari, write_hdf5, write_parquet
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from rayoffline.data import append, convert, read_metadata
 from rayoffline.data.schema import COLUMNS, SCHEMA_VERSION
 from rayoffline.errors import DataError
 
-from ._convert_helpers import (EPISODES, episodes, flat_rows, make_minari, read_converted, write_hdf5,
+from ._convert_helpers import (episodes, flat_rows, make_minari, read_converted, write_hdf5,
                                write_parquet)
 
 META_KEYS = ["schema_version", "source", "content_hash", "env_id", "env_spec", "observation_space", "action_space",
