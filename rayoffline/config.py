@@ -113,8 +113,8 @@ def from_dict(cls: type, d: dict[str, Any] | None, prefix: str = "") -> Any:
     kwargs = {k: _check_type(v, hints[k], prefix + k) for k, v in d.items()}
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+    except ConfigError as e:  # from __post_init__: qualify the key with the section it lives in
+        raise ConfigError(str(e).replace("config key '", f"config key '{prefix}", 1)) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -10,6 +10,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Builtin datasets are built once per test session into a private cache (never ~/.cache)."""
+    if "RAYOFFLINE_TEST_CACHE" in os.environ:  # reuse across local runs: RAYOFFLINE_TEST_CACHE=/tmp/x pytest
+        os.environ["RAYOFFLINE_CACHE"] = os.environ["RAYOFFLINE_TEST_CACHE"]
+    else:
+        os.environ["RAYOFFLINE_CACHE"] = str(tmp_path_factory.mktemp("rayoffline-cache"))
+    yield
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
