@@ -1,0 +1,225 @@
+"""CQL: Conservative Q-Learning on top of SAC (continuous actions).
+
+Kumar, Zhou, Tucker & Levine, "Conservative Q-Learning for Offline Reinforcement Learning", NeurIPS 2020
+(https://arxiv.org/abs/2006.04779), the CQL(H) variant with importance sampling. Actions live in the
+normalized space [-1, 1]. Twin critics Q_1, Q_2 with soft targets Q'_i, a tanh-Gaussian policy pi (state-
+dependent std), entropy temperature alpha. Per member, expectations are means over its batch:
+
+    entropy: a_pi ~ pi(.|s),  L_alpha = -E[ log alpha * (log pi(a_pi|s) + H_target) ]     (H_target = -act_dim)
+    actor:   L_pi = E[ alpha * log pi(a_pi|s) - min_i Q_i(s, a_pi) ]
+             (first `bc_steps` steps: E[ alpha * log pi(a_pi|s) - log pi(a|s) ] with a the dataset action)
+    critic:  a' ~ pi(.|s'),  y = r + gamma * (1 - term) * (min_i Q'_i(s', a') [- alpha * log pi(a'|s')])
+             L_TD = sum_i E[(Q_i(s, a) - y)^2]
+             N actions from each of three sources, all scored at s: a_u ~ U[-1, 1]^d, a_c ~ pi(.|s),
+             a_n ~ pi(.|s') (sampled actions carry no gradient). With importance sampling
+             X_i = { Q_i(s, a_u) - log(0.5^d) } u { Q_i(s, a_n) - log pi(a_n|s') } u { Q_i(s, a_c) - log pi(a_c|s) }
+             (3N terms; without it, the raw Q values of the three sources plus Q_i(s, a): 3N + 1 terms)
+             gap_i = E[ T * logsumexp(X_i / T) - Q_i(s, a) ]                            (T = cql_temp)
+             L_Q = L_TD + cql_alpha * sum_i gap_i                                       (the CQL penalty)
+    Lagrange form (cql_lagrange): alpha' = clip(exp(log alpha'), 0, 1e6) and
+             L_Q = L_TD + alpha' * cql_alpha * sum_i (gap_i - target_gap)
+             L_alpha' = -1/2 * alpha' * cql_alpha * sum_i (gap_i - target_gap)          (gap_i without gradient)
+    targets: Q'_i <- (1 - tau) Q'_i + tau Q_i after the critic step.
+
+Groups, in the reference's order: `alpha` (with auto_entropy), `actor`, `cql_alpha` (with cql_lagrange),
+`critic`. As in the reference code, every loss of a step is computed from the parameters before that step's
+updates (the alpha in the actor and critic losses is the pre-update value), so the order only fixes when each
+optimizer steps. The yielded loss of a group is the sum over members of their losses.
+
+Defaults: CORL's `cql.py` and its D4RL locomotion configs (the reference implementation publishing D4RL
+scores): cql_alpha 10, 10 actions per source, importance sampling on, temperature 1, automatic entropy tuning
+with target -act_dim and initial alpha 1, policy lr 3e-5, critic lr 3e-4, soft target rate 5e-3 every step,
+3 x 256 hidden layers for actor and critics, no BC warm-up (bc_steps 0), Lagrange form off; its Lagrange
+settings (target gap 0.8, log alpha' starting at 1.0, alpha' lr = critic lr) come from CORL's AntMaze configs,
+the only ones that enable it.
+
+**Deviations**
+- The sampled actions reuse draws: the TD target's next action a' is the first of the N samples a_n ~ pi(.|s')
+  and the actor/entropy losses use the first of the N samples a_c ~ pi(.|s) (CORL draws both independently).
+  Each is still an exact sample; the estimators are only correlated. The policy network runs once on s and once
+  on s' per step, and all 1 + 3N actions per state go through the critics in one batched call.
+- BC warm-up maximizes the log-likelihood of the dataset actions (atanh of actions clipped to +-(1 - 1e-6));
+  CORL's `log_prob` ignores its action argument and scores a fresh policy sample instead.
+- The policy's log-std is the network's second head clamped to [-20, 2]; CORL adds learnable scalar
+  multiplier/offset parameters (offset -1) to it.
+- Weights use PyTorch's default Linear initialization; CORL initializes the critics orthogonally (gain sqrt(2),
+  zero biases) and both last layers with gain 1e-2.
+- Not implemented: cql_max_target_backup, cql_clip_diff_min/max (CORL's locomotion defaults leave them off /
+  unbounded), alpha_multiplier (1), target_update_period (1). Reward scaling/bias belongs to the data pipeline.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..batch import Batch
+from ..config import member, require
+from ..nn.functional import frozen_copy, params, soft_update, twin_min
+from ..nn.policies import TanhGaussianActor, TwinQ
+from .base import AlgoConfig, Algorithm, Update
+
+_squash = TanhGaussianActor.squash
+
+
+@dataclass(frozen=True)
+class CQLConfig(AlgoConfig):
+    hidden: tuple[int, ...] = (256, 256, 256)
+    """Hidden layer widths of the actor and of each critic (CORL's CQL uses 3 x 256)."""
+    cql_alpha: float = member(10.0)
+    """Weight of the conservative penalty in the critic loss (the multiplier of alpha' in the Lagrange form)."""
+    cql_n_actions: int = 10
+    """Actions sampled per state from each source (uniform, policy at s, policy at s') for the logsumexp."""
+    cql_importance_sample: bool = True
+    """Subtract each sampled action's log-density (uniform or policy) inside the logsumexp (CQL(H) with IS)."""
+    cql_temp: float = member(1.0)
+    """Temperature T of the penalty's soft maximum T * logsumexp(Q / T)."""
+    cql_lagrange: bool = False
+    """Tune the penalty weight alpha' by dual gradient descent toward `cql_target_action_gap`."""
+    cql_target_action_gap: float = member(0.8)
+    """Lagrange form only: the penalty gap (logsumexp minus dataset Q) that alpha' drives the critics toward."""
+    cql_alpha_lr: float = 3e-4
+    """Lagrange form only: Adam learning rate of log alpha'."""
+    entropy_alpha: float = member(1.0)
+    """Initial SAC entropy temperature alpha (its fixed value when auto_entropy is off)."""
+    auto_entropy: bool = True
+    """Tune the entropy temperature so that the policy's entropy tracks `target_entropy`."""
+    target_entropy: float | None = None
+    """Target entropy of automatic tuning; null means -action_dim."""
+    alpha_lr: float = 3e-5
+    """Adam learning rate of log alpha (CORL uses the policy's)."""
+    backup_entropy: bool = False
+    """Subtract alpha * log pi(a'|s') from the bootstrapped target (soft Bellman backup)."""
+    policy_lr: float = 3e-5
+    """Adam learning rate of the policy."""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics."""
+    tau: float = 5e-3
+    """Polyak rate of the critics' soft target update (every step)."""
+    bc_steps: int = 0
+    """Steps at the start whose actor loss is behavior cloning (log-likelihood of dataset actions) instead of
+    max Q. CORL's default is 0; the original CQL code offers 10k-40k ("policy_eval_start") for AntMaze."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.cql_alpha >= 0.0, "cql_alpha", f"must be >= 0, got {self.cql_alpha}")
+        require(self.cql_n_actions >= 1, "cql_n_actions", f"must be a positive integer, got {self.cql_n_actions}")
+        require(self.cql_temp > 0.0, "cql_temp", f"must be positive, got {self.cql_temp}")
+        require(not self.cql_lagrange or self.cql_alpha > 0.0, "cql_alpha",
+                "must be positive with cql_lagrange (it multiplies alpha'), got 0")
+        require(self.entropy_alpha > 0.0, "entropy_alpha", f"must be positive, got {self.entropy_alpha}")
+        require(self.target_entropy is None or math.isfinite(self.target_entropy), "target_entropy",
+                f"must be a finite number or null, got {self.target_entropy}")
+        require(0.0 < self.tau <= 1.0, "tau", f"must be in (0, 1], got {self.tau}")
+        require(self.bc_steps >= 0, "bc_steps", f"must be >= 0, got {self.bc_steps}")
+        for key in ("cql_alpha_lr", "alpha_lr", "policy_lr", "critic_lr"):
+            require(getattr(self, key) > 0.0, key, f"must be positive, got {getattr(self, key)}")
+
+
+class CQL(Algorithm):
+    name = "cql"
+    Config = CQLConfig
+
+    def build(self, gens: list[torch.Generator]) -> None:
+        spec, cfg = self.spec, self.cfg
+        self.actor = TanhGaussianActor(spec.obs_dim, spec.action_dim, cfg.hidden, gens)
+        self.critic = TwinQ(spec.obs_dim, spec.action_dim, cfg.hidden, gens)
+        self.critic_target = frozen_copy(self.critic)
+        if cfg.auto_entropy:
+            alphas = torch.tensor([float(c.entropy_alpha) for c in self.configs])
+            self.log_alpha = nn.Parameter(alphas.log())                          # (K,)
+        if cfg.cql_lagrange:
+            self.log_alpha_prime = nn.Parameter(torch.ones(len(self.configs)))   # (K,), alpha' = e at start
+        self.target_entropy = (-float(spec.action_dim) if cfg.target_entropy is None
+                               else float(cfg.target_entropy))
+
+    def optim_groups(self) -> dict[str, tuple[list[nn.Parameter], float]]:
+        cfg = self.cfg
+        groups: dict[str, tuple[list[nn.Parameter], float]] = {}
+        if cfg.auto_entropy:
+            groups["alpha"] = ([self.log_alpha], cfg.alpha_lr)
+        groups["actor"] = (params(self.actor), cfg.policy_lr)
+        if cfg.cql_lagrange:
+            groups["cql_alpha"] = ([self.log_alpha_prime], cfg.cql_alpha_lr)
+        groups["critic"] = (params(self.critic), cfg.critic_lr)
+        return groups
+
+    def update(self, batch: Batch, step: int) -> Update:
+        cfg = self.cfg
+        b = self.prepare(batch)
+        obs, act, next_obs = b.observations, b.actions, b.next_observations  # (K,B,obs) (K,B,act) (K,B,obs)
+        k, bs, na = act.shape
+        n, m = cfg.cql_n_actions, 1 + 3 * cfg.cql_n_actions
+        gamma = self.coef("discount")[:, None]                                 # (K, 1)
+
+        eps_cur = self.rng.randn((bs, n, na))                                  # (K, B, N, act)
+        eps_next = self.rng.randn((bs, n, na))                                 # (K, B, N, act)
+        rand_act = self.rng.rand((bs, n, na)) * 2.0 - 1.0                      # (K, B, N, act) ~ U[-1, 1]
+        alpha = self.log_alpha.detach().exp() if cfg.auto_entropy else self.coef("entropy_alpha")  # (K,)
+
+        # policy at s: one forward; sample 0 (with gradient) feeds the actor and entropy losses
+        mean, log_std = self.actor.dist(obs)                                   # (K, B, act) each
+        pi, logp_pi = _squash(mean, log_std, eps_cur[:, :, 0])                 # (K, B, act), (K, B)
+
+        with torch.no_grad():
+            cur_act, cur_logp = _squash(mean.detach()[:, :, None], log_std.detach()[:, :, None], eps_cur)
+            next_mean, next_log_std = self.actor.dist(next_obs)
+            next_act, next_logp = _squash(next_mean[:, :, None], next_log_std[:, :, None], eps_next)
+            # (K, B, N, act), (K, B, N) each; the TD target uses the first next-policy sample
+            next_q = twin_min(self.critic_target(next_obs, next_act[:, :, 0]))  # (K, B)
+            if cfg.backup_entropy:
+                next_q = next_q - alpha[:, None] * next_logp[:, :, 0]
+            target = b.rewards + gamma * (1.0 - b.terminations) * next_q       # (K, B)
+
+        # ----- losses, all from this step's pre-update parameters --------------------------------------
+        if cfg.auto_entropy:
+            alpha_loss = -self.log_alpha * (logp_pi.detach() + self.target_entropy).mean(1)  # (K,)
+
+        if step <= cfg.bc_steps:
+            actor_obj = self.actor.log_prob(obs, act)                          # (K, B)
+        else:
+            actor_obj = twin_min(self.critic(obs, pi))                         # (K, B)
+        actor_loss = (alpha[:, None] * logp_pi - actor_obj).mean(1)            # (K,)
+
+        # every action scored at s in one critic call: [dataset | uniform | policy(s') | policy(s)]
+        actions = torch.cat([act[:, :, None], rand_act, next_act, cur_act], dim=2)    # (K, B, M, act)
+        x = torch.cat([obs[:, :, None].expand(k, bs, m, obs.shape[-1]), actions], dim=-1)
+        q_all = self.critic.net(x.view(k, bs * m, -1)).view(k, 2, bs, m)      # (K, 2, B, M)
+        q_data = q_all[..., 0]                                                  # (K, 2, B)
+        td_loss = (q_data - target[:, None]).square().mean(2).sum(1)           # (K,)
+        if cfg.cql_importance_sample:
+            log_density = torch.cat([rand_act.new_full((k, bs, n), na * math.log(2.0)), -next_logp, -cur_logp],
+                                    dim=2)                                     # (K, B, 3N): -log density
+            scores = q_all[..., 1:] + log_density[:, None]                     # (K, 2, B, 3N)
+        else:
+            scores = q_all                                                      # (K, 2, B, 3N + 1)
+        temp = self.coef("cql_temp")[:, None, None]                            # (K, 1, 1)
+        soft_max = torch.logsumexp(scores / temp[..., None], dim=-1) * temp    # (K, 2, B)
+        gap = (soft_max - q_data).mean(2)                                      # (K, 2)
+        cql_alpha = self.coef("cql_alpha")
+        if cfg.cql_lagrange:
+            alpha_prime = self.log_alpha_prime.exp().clamp(0.0, 1e6)          # (K,)
+            excess = gap - self.coef("cql_target_action_gap")[:, None]         # (K, 2)
+            penalty = (alpha_prime.detach() * cql_alpha) * excess.sum(1)      # (K,)
+            alpha_prime_loss = -0.5 * alpha_prime * cql_alpha * excess.detach().sum(1)
+        else:
+            penalty = cql_alpha * gap.sum(1)                                   # (K,)
+        critic_loss = td_loss + penalty
+
+        # ----- yields in the reference's order ---------------------------------------------------------
+        if cfg.auto_entropy:
+            yield "alpha", alpha_loss.sum(), {"entropy_alpha": alpha}
+        yield "actor", actor_loss.sum(), {"log_pi": logp_pi.detach().mean(1)}
+        if cfg.cql_lagrange:
+            yield "cql_alpha", alpha_prime_loss.sum(), {"alpha_prime": alpha_prime.detach()}
+        yield "critic", critic_loss.sum(), {"q_mean": q_data.detach().mean((1, 2)), "target_q": target.mean(1),
+                                            "cql_gap": gap.detach().mean(1)}
+        soft_update(self.critic_target, self.critic, cfg.tau)
+
+    def policy(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(obs)
+
+
+ALGORITHM = CQL
