@@ -14,8 +14,7 @@ policy, `DiscreteBC`), which also supplies the defaults: Adam, learning rate 1e-
 **Deviations**
 - Discrete BC has no L2 penalty on the logits (d3rlpy's `DiscreteBC` adds beta * mean(logits^2) with
   beta = 0.5); plain cross-entropy is the textbook objective and learns CartPole as well.
-- Hidden layers default to 2 x 256 (`hidden`, shared by every algorithm), d3rlpy uses 2 x 256 too; the
-  batch size is the learner's (d3rlpy uses 100).
+- The batch size is the learner's (d3rlpy uses 100).
 """
 from __future__ import annotations
 

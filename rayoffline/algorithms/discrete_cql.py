@@ -19,6 +19,7 @@ that is sensible for small control tasks; see the deviations.
 - Learning rate 1e-3 instead of d3rlpy's Atari value 6.25e-5, for the same reason.
 - The paper's discrete experiments use a QR-DQN base on Atari; this is the double-DQN base of d3rlpy's
   `DiscreteCQL`, with an MLP Q-network (`hidden`, 2 x 256) instead of the Nature CNN.
+- The batch size is the learner's (d3rlpy uses 32).
 """
 from __future__ import annotations
 
