@@ -63,11 +63,11 @@ class BCQConfig(AlgoConfig):
     tau: float = 0.005
     """Polyak factor of the target critic and target perturbation model, applied every step."""
     phi: float = member(0.05)
-    """Maximum perturbation Phi of a sampled action, in normalized action units [-1, 1] (per member)."""
+    """Maximum perturbation Phi of a sampled action, in normalized action units [-1, 1]."""
     lmbda: float = member(0.75)
-    """Soft clipped double-Q weight lambda: target = lambda * min + (1 - lambda) * max (per member)."""
+    """Soft clipped double-Q weight lambda: target = lambda * min + (1 - lambda) * max."""
     kl_weight: float = member(0.5)
-    """Weight of the KL term of the VAE loss (per member; the authors' code uses 0.5)."""
+    """Weight of the KL term of the VAE loss (the authors' code uses 0.5)."""
     n_action_samples: int = 10
     """Actions sampled from the VAE per state, for the critic target and for acting."""
 

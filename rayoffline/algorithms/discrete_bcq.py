@@ -48,10 +48,10 @@ class DiscreteBCQConfig(AlgoConfig):
     tau: float = 0.005
     """Polyak factor of the target network, applied every step."""
     threshold: float = member(0.5)
-    """Actions with G(a|s) / max_b G(b|s) at or below this are excluded from the argmax (per member; the
-    paper uses 0.3, see the deviations)."""
+    """Actions with G(a|s) / max_b G(b|s) at or below this are excluded from the argmax (the paper uses
+    0.3, see the deviations)."""
     logit_reg: float = member(1e-2)
-    """Weight of the L2 penalty on the imitation logits, mean_a l(s)_a^2 (per member)."""
+    """Weight of the L2 penalty on the imitation logits, mean_a l(s)_a^2."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

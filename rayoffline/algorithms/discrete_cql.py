@@ -41,7 +41,7 @@ class DiscreteCQLConfig(AlgoConfig):
     tau: float = 0.005
     """Polyak factor of the target Q-network, applied every step."""
     cql_alpha: float = member(1.0)
-    """Weight of the CQL(H) penalty logsumexp_a Q(s, a) - Q(s, a_data) (per member; d3rlpy: 1.0)."""
+    """Weight of the CQL(H) penalty logsumexp_a Q(s, a) - Q(s, a_data) (d3rlpy: 1.0)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
