@@ -154,7 +154,7 @@ class BCQ(Algorithm):
 
         # --- perturbation model
         with torch.no_grad():
-            sampled = self.vae.decode(obs, self._latent(bs))                  # (K, B, act)
+            sampled = self.vae.decode(obs, self._latent(bs))                            # (K, B, act)
         actor_loss = -self.critic.q1(obs, self.actor(obs, sampled, phi)).mean(-1)       # (K,)
         yield "actor", actor_loss.sum(), {"actor_q": -actor_loss.detach()}
 
