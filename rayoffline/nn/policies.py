@@ -81,10 +81,10 @@ class TanhGaussianActor(nn.Module):
         logp = logp - (2.0 * (math.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
         return a, logp
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-        """Log-density of given actions in (-1, 1) (clipped to +-(1 - eps) before atanh): (K, B)."""
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, margin: float = 1e-6) -> torch.Tensor:
+        """Log-density of given actions in [-1, 1] (clipped to +-(1 - margin) before atanh): (K, B)."""
         mean, log_std = self.dist(obs)
-        a = actions.clamp(-1.0 + eps, 1.0 - eps)
+        a = actions.clamp(-1.0 + margin, 1.0 - margin)
         u = torch.atanh(a)
         z = (u - mean) * torch.exp(-log_std)
         logp = (-0.5 * z.square() - log_std - 0.5 * LOG_2PI).sum(-1)
