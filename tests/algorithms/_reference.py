@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from rayoffline.batch import Batch
 from rayoffline.nn.members import MemberMLP
 
 Weights = list[tuple[torch.Tensor, torch.Tensor]]
@@ -77,3 +78,33 @@ def drive(alg, batch, step: int, on_yield: Callable[[str, torch.Tensor, dict], N
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4,
                  atol: float = 1e-5) -> None:
     torch.testing.assert_close(actual.detach().double(), expected.double(), rtol=rtol, atol=atol, msg=what)
+
+
+# A fixed member batch for specs with obs_dim 4: observations around a known mean/std that the algorithms
+# are built with (obs_mean=OBS_MEAN, obs_std=OBS_STD), so normalization is part of what the tests check.
+OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
+OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
+
+
+def norm(obs: torch.Tensor) -> torch.Tensor:
+    """Standardized observations in float64."""
+    return ((obs - OBS_MEAN) / OBS_STD).double()
+
+
+def member_batch(seed: int, k: int, b: int, act_dim: int = 2, discrete: bool = False, reward_scale: float = 1.0,
+                 term_every: int = 3) -> Batch:
+    """(K, B) transitions: continuous actions in [-0.9, 0.9] or discrete ones in [0, act_dim), every
+    `term_every`-th row terminal."""
+    g = torch.Generator().manual_seed(seed)
+    obs = OBS_MEAN + OBS_STD * torch.randn(k, b, 4, generator=g)
+    actions = (torch.randint(act_dim, (k, b), generator=g) if discrete
+               else torch.rand(k, b, act_dim, generator=g) * 1.8 - 0.9)
+    return Batch(observations=obs, actions=actions, rewards=reward_scale * torch.randn(k, b, generator=g),
+                 next_observations=obs + 0.3 * torch.randn(k, b, 4, generator=g),
+                 terminations=(torch.arange(b) % term_every == 0).float().expand(k, b).clone(),
+                 truncations=torch.zeros(k, b))
+
+
+def huber(d: torch.Tensor) -> torch.Tensor:
+    """Huber loss with threshold 1 (smooth L1), elementwise."""
+    return torch.where(d.abs() <= 1.0, 0.5 * d ** 2, d.abs() - 0.5)

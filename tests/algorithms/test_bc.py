@@ -7,10 +7,8 @@ from rayoffline.algorithms.bc import BC, BCConfig
 from rayoffline.batch import Batch
 from rayoffline.spec import EnvSpec
 
-from ._reference import assert_close, drive, mlp, weights
+from ._reference import OBS_MEAN, OBS_STD, assert_close, drive, member_batch, mlp, norm, weights
 
-OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
-OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
 K, B = 2, 8
 CONT = EnvSpec(obs_dim=4, action_dim=2, discrete=False, action_low=(-1.0,) * 2, action_high=(1.0,) * 2)
 DISC = EnvSpec(obs_dim=4, action_dim=2, discrete=True)
@@ -22,17 +20,7 @@ def make(spec: EnvSpec) -> BC:
 
 
 def batch(spec: EnvSpec, seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    obs = OBS_MEAN + OBS_STD * torch.randn(K, B, 4, generator=g)
-    act = (torch.randint(2, (K, B), generator=g) if spec.discrete
-           else torch.rand(K, B, 2, generator=g) * 1.8 - 0.9)
-    return Batch(observations=obs, actions=act, rewards=torch.randn(K, B, generator=g),
-                 next_observations=obs + 0.3 * torch.randn(K, B, 4, generator=g),
-                 terminations=torch.zeros(K, B), truncations=torch.zeros(K, B))
-
-
-def norm(obs):
-    return ((obs - OBS_MEAN) / OBS_STD).double()
+    return member_batch(seed, K, B, discrete=spec.discrete)
 
 
 def test_continuous_loss_is_the_mse_of_the_tanh_policy():

@@ -9,11 +9,9 @@ from rayoffline.algorithms.bcq import BCQ, BCQConfig
 from rayoffline.batch import Batch
 from rayoffline.spec import EnvSpec
 
-from ._reference import RecordingRNG, assert_close, drive, mlp, weights
+from ._reference import OBS_MEAN, OBS_STD, RecordingRNG, assert_close, drive, member_batch, mlp, norm, weights
 
 SPEC = EnvSpec(obs_dim=4, action_dim=2, discrete=False, action_low=(-1.0,) * 2, action_high=(1.0,) * 2)
-OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
-OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
 K, B, N, LATENT, TAU = 2, 8, 3, 4, 0.1
 COMMON = dict(hidden=(16, 16), vae_hidden=(12, 12), n_action_samples=N, tau=TAU)
 
@@ -27,16 +25,7 @@ def make() -> BCQ:
 
 
 def batch(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    obs = OBS_MEAN + OBS_STD * torch.randn(K, B, 4, generator=g)
-    return Batch(observations=obs, actions=torch.rand(K, B, 2, generator=g) * 1.8 - 0.9,
-                 rewards=torch.randn(K, B, generator=g),
-                 next_observations=obs + 0.3 * torch.randn(K, B, 4, generator=g),
-                 terminations=(torch.arange(B) % 3 == 0).float().expand(K, B).clone(), truncations=torch.zeros(K, B))
-
-
-def norm(obs):
-    return ((obs - OBS_MEAN) / OBS_STD).double()
+    return member_batch(seed, K, B)
 
 
 def decode(alg, k, s, z):

@@ -10,11 +10,9 @@ from rayoffline.batch import Batch
 from rayoffline.nn.functional import hard_update
 from rayoffline.spec import EnvSpec
 
-from ._reference import assert_close, drive, mlp, weights
+from ._reference import OBS_MEAN, OBS_STD, assert_close, drive, huber, member_batch, mlp, norm, weights
 
 SPEC = EnvSpec(obs_dim=4, action_dim=2, discrete=True)
-OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
-OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
 K, B, TAU = 2, 32, 0.1
 Q, IMITATION = 0, 1  # ensemble copies of the one member-batched MLP
 
@@ -25,17 +23,8 @@ def make(thresholds=(0.3, 0.6)) -> DiscreteBCQ:
     return DiscreteBCQ(SPEC, configs, [0, 1], obs_mean=OBS_MEAN, obs_std=OBS_STD)
 
 
-def batch(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    obs = OBS_MEAN + OBS_STD * torch.randn(K, B, 4, generator=g)
-    return Batch(observations=obs, actions=torch.randint(2, (K, B), generator=g),
-                 rewards=2.0 * torch.randn(K, B, generator=g),
-                 next_observations=obs + 0.3 * torch.randn(K, B, 4, generator=g),
-                 terminations=(torch.arange(B) % 3 == 0).float().expand(K, B).clone(), truncations=torch.zeros(K, B))
-
-
-def norm(obs):
-    return ((obs - OBS_MEAN) / OBS_STD).double()
+def batch(seed: int) -> Batch:  # rewards * 2: TD errors on both sides of Huber's threshold
+    return member_batch(seed, K, B, discrete=True, reward_scale=2.0)
 
 
 def nets(net, k, s):
@@ -46,10 +35,6 @@ def nets(net, k, s):
 def allowed_ref(logits, threshold):
     probs = torch.softmax(logits, 1)
     return probs / probs.max(1, keepdim=True).values > threshold
-
-
-def huber(d):
-    return torch.where(d.abs() <= 1.0, 0.5 * d ** 2, d.abs() - 0.5)
 
 
 def test_loss_is_filtered_double_q_huber_plus_imitation():

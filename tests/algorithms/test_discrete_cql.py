@@ -9,11 +9,9 @@ from rayoffline.algorithms.discrete_cql import DiscreteCQL, DiscreteCQLConfig
 from rayoffline.batch import Batch
 from rayoffline.spec import EnvSpec
 
-from ._reference import assert_close, drive, mlp, weights
+from ._reference import OBS_MEAN, OBS_STD, assert_close, drive, huber, member_batch, mlp, norm, weights
 
 SPEC = EnvSpec(obs_dim=4, action_dim=2, discrete=True)
-OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
-OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
 K, B, TAU = 2, 16, 0.1
 
 
@@ -27,21 +25,8 @@ def make() -> DiscreteCQL:
     return alg
 
 
-def batch(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    obs = OBS_MEAN + OBS_STD * torch.randn(K, B, 4, generator=g)
-    return Batch(observations=obs, actions=torch.randint(2, (K, B), generator=g),
-                 rewards=2.0 * torch.randn(K, B, generator=g),  # TD errors on both sides of Huber's threshold
-                 next_observations=obs + 0.3 * torch.randn(K, B, 4, generator=g),
-                 terminations=(torch.arange(B) % 3 == 0).float().expand(K, B).clone(), truncations=torch.zeros(K, B))
-
-
-def norm(obs):
-    return ((obs - OBS_MEAN) / OBS_STD).double()
-
-
-def huber(d):
-    return torch.where(d.abs() <= 1.0, 0.5 * d ** 2, d.abs() - 0.5)
+def batch(seed: int) -> Batch:  # rewards * 2: TD errors on both sides of Huber's threshold
+    return member_batch(seed, K, B, discrete=True, reward_scale=2.0)
 
 
 def test_loss_is_double_dqn_huber_plus_alpha_times_logsumexp_penalty():
