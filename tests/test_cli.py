@@ -129,3 +129,10 @@ def test_process_exit_status_is_nonzero():
     res = subprocess.run([sys.executable, "-m", "rayoffline", "train", "--algo", "nope", "--data", "x", "--out",
                           "/tmp/never"], capture_output=True, text=True)
     assert res.returncode == 2 and "unknown algorithm" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_overrides_parse_numbers_and_nested_keys():
+    from rayoffline.learner.api import build_config
+    cfg = build_config("iql", {"algo": {"beta": "1e-1"}}, ["algo.actor_lr=1e-3", "steps=5", "algo.hidden=[8, 8]"])
+    assert cfg["members"][0].actor_lr == 1e-3 and cfg["members"][0].beta == 0.1
+    assert cfg["run"].steps == 5 and cfg["members"][0].hidden == (8, 8)
