@@ -6,7 +6,7 @@ Discrete (categorical policy with logits l(s) over n actions):
     L_actor = E_{(s, a) ~ D} [ -log softmax(l(s))_a ]            pi(s) = argmax_a l(s)_a
 
 One group, `actor`, updated once per step. Per member k the loss is the mean over its batch; the yielded
-loss is the sum over members.
+loss is the (K,) vector of per-member losses.
 
 Reference: the behavior-cloning baseline as implemented by d3rlpy (`BC` with its default deterministic
 policy, `DiscreteBC`), which also supplies the defaults: Adam, learning rate 1e-3.
@@ -63,10 +63,10 @@ class BC(Algorithm):
                                              reduction="none").view(k, bs).mean(1)  # (K,)
             with torch.no_grad():
                 acc = (out.argmax(-1) == b.actions).float().mean(1)
-            yield "actor", ce.sum(), {"ce": ce.detach(), "accuracy": acc}
+            yield "actor", ce, {"ce": ce.detach(), "accuracy": acc}
         else:
             mse = (out - b.actions).square().mean((1, 2))  # (K,)
-            yield "actor", mse.sum(), {"mse": mse.detach()}
+            yield "actor", mse, {"mse": mse.detach()}
 
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         out = self.actor(obs)

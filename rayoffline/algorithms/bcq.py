@@ -2,7 +2,7 @@
 
 Fujimoto, Meger, Precup (2018), "Off-Policy Deep Reinforcement Learning without Exploration", ICML.
 Actions are in the normalized space [-1, 1]; per member k the losses below are batch means, the yielded loss is
-their sum over members. Update order per step (as in the authors' code): `vae`, `critic`, `actor`, then Polyak
+the (K,) vector of them. Update order per step (as in the authors' code): `vae`, `critic`, `actor`, then Polyak
 averaging of the target critic and target actor.
 
 Generative model: conditional VAE, encoder E(s, a) = N(mu, sigma), z = mu + sigma * eps, decoder D(s, z) in
@@ -136,7 +136,7 @@ class BCQ(Algorithm):
         recon_loss = member_mean((recon - act).square())                                             # (K,)
         kl = member_mean(-0.5 * (1.0 + 2.0 * log_std - mean.square() - torch.exp(2.0 * log_std)))    # (K,)
         vae_loss = recon_loss + self.coef("kl_weight") * kl
-        yield "vae", vae_loss.sum(), {"recon": recon_loss.detach(), "kl": kl.detach()}
+        yield "vae", vae_loss, {"recon": recon_loss.detach(), "kl": kl.detach()}
 
         # --- critics
         with torch.no_grad():
@@ -149,14 +149,14 @@ class BCQ(Algorithm):
             target = b.rewards + self.coef("discount")[:, None] * (1.0 - b.terminations) * v_next
         q = self.critic(obs, act)                                                       # (K, 2, B)
         critic_loss = (q - target[:, None]).square().mean(-1).sum(-1)                   # (K,)
-        yield "critic", critic_loss.sum(), {"q_mean": q.detach()[:, 0].mean(-1), "target_mean": target.mean(-1),
+        yield "critic", critic_loss, {"q_mean": q.detach()[:, 0].mean(-1), "target_mean": target.mean(-1),
                                             "critic_loss": critic_loss.detach()}
 
         # --- perturbation model
         with torch.no_grad():
             sampled = self.vae.decode(obs, self._latent(bs))                            # (K, B, act)
         actor_loss = -self.critic.q1(obs, self.actor(obs, sampled, phi)).mean(-1)       # (K,)
-        yield "actor", actor_loss.sum(), {"actor_q": -actor_loss.detach()}
+        yield "actor", actor_loss, {"actor_q": -actor_loss.detach()}
 
         soft_update(self.critic_target, self.critic, self.cfg.tau)
         soft_update(self.actor_target, self.actor, self.cfg.tau)

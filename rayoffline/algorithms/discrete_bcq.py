@@ -109,7 +109,7 @@ class DiscreteBCQ(Algorithm):
                                          reduction="none").view(k, bs).mean(-1)         # (K,)
         logit_l2 = logits.square().mean((1, 2))                                         # (K,)
         loss = td + ce + self.coef("logit_reg") * logit_l2
-        yield "q", loss.sum(), {"td_loss": td.detach(), "ce": ce.detach(), "logit_l2": logit_l2.detach(),
+        yield "q", loss, {"td_loss": td.detach(), "ce": ce.detach(), "logit_l2": logit_l2.detach(),
                                 "q_mean": q_data.detach().mean(-1), "target_mean": target.mean(-1),
                                 "allowed_frac": allowed_next.float().mean((1, 2))}
         soft_update(self.net_target, self.net, self.cfg.tau)

@@ -74,7 +74,7 @@ class DiscreteCQL(Algorithm):
         td = nn.functional.huber_loss(q_data, target, reduction="none", delta=1.0).mean(-1)  # (K,)
         penalty = (torch.logsumexp(q_all, dim=-1) - q_data).mean(-1)                    # (K,)
         loss = td + self.coef("cql_alpha") * penalty
-        yield "q", loss.sum(), {"td_loss": td.detach(), "cql_penalty": penalty.detach(),
+        yield "q", loss, {"td_loss": td.detach(), "cql_penalty": penalty.detach(),
                                 "q_mean": q_data.detach().mean(-1), "target_mean": target.mean(-1)}
         soft_update(self.q_target, self.q, self.cfg.tau)
 

@@ -70,7 +70,7 @@ def drive(alg, batch, step: int, on_yield: Callable[[str, torch.Tensor, dict], N
         params = groups[group][0]
         for p in params:
             p.grad = None
-        torch.autograd.backward(loss, inputs=params)
+        torch.autograd.backward(loss.sum(), inputs=params)  # loss: (K,) per member
         optimizers[group].step()
     return seen
 

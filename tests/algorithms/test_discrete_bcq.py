@@ -52,7 +52,7 @@ def test_loss_is_filtered_double_q_huber_plus_imitation():
 
         def check(group, loss, metrics):
             assert group == "q"
-            total, ces = 0.0, []
+            totals, ces = [], []
             for k, cfg in enumerate(alg.configs):
                 s, s2, a = norm(bt.observations[k]), norm(bt.next_observations[k]), bt.actions[k]
                 q2, logits2 = nets(alg.net, k, s2)
@@ -63,11 +63,11 @@ def test_loss_is_filtered_double_q_huber_plus_imitation():
                 y = bt.rewards[k].double() + cfg.discount * (1 - bt.terminations[k].double()) * q_next
                 q_all, logits = nets(alg.net, k, s)
                 ce = (torch.logsumexp(logits, 1) - logits[torch.arange(B), a]).mean()
-                total = total + huber(q_all[torch.arange(B), a] - y).mean() + ce \
-                    + cfg.logit_reg * (logits ** 2).mean()
+                totals.append(huber(q_all[torch.arange(B), a] - y).mean() + ce
+                              + cfg.logit_reg * (logits ** 2).mean())
                 ces.append(ce)
                 assert_close(metrics["allowed_frac"][k], ok.double().mean(), "allowed fraction")
-            assert_close(loss, total, "discrete BCQ loss")
+            assert_close(loss, torch.stack(totals), "discrete BCQ loss (per member)")
             assert_close(metrics["ce"], torch.stack(ces), "ce")
 
         drive(alg, bt, step, check)

@@ -38,7 +38,7 @@ def test_loss_is_double_dqn_huber_plus_alpha_times_logsumexp_penalty():
 
         def check(group, loss, metrics):
             assert group == "q"
-            total, pens, tds = 0.0, [], []
+            totals, pens, tds = [], [], []
             for k, cfg in enumerate(alg.configs):
                 s, s2, a = norm(bt.observations[k]), norm(bt.next_observations[k]), bt.actions[k]
                 a_star = mlp(weights(alg.q.net, k), s2).argmax(1)                    # online selects
@@ -48,11 +48,11 @@ def test_loss_is_double_dqn_huber_plus_alpha_times_logsumexp_penalty():
                 q_data = q_all[torch.arange(B), a]
                 td = huber(q_data - y).mean()
                 pen = (torch.logsumexp(q_all, 1) - q_data).mean()
-                total = total + td + cfg.cql_alpha * pen
+                totals.append(td + cfg.cql_alpha * pen)
                 tds.append(td)
                 pens.append(pen)
                 big_errors.append(((q_data - y).abs() > 1).any() & ((q_data - y).abs() < 1).any())
-            assert_close(loss, total, "discrete CQL loss")
+            assert_close(loss, torch.stack(totals), "discrete CQL loss (per member)")
             assert_close(metrics["td_loss"], torch.stack(tds), "td loss")
             assert_close(metrics["cql_penalty"], torch.stack(pens), "cql penalty")
 
