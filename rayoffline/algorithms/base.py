@@ -6,9 +6,10 @@ coefficients (config fields declared with `member(...)`) become buffers of shape
 
 `update(batch, step)` is a generator yielding `(group, loss, metrics)` in the paper's update order. The
 learner runs backward on that group's parameters, all-reduces gradients and steps that group's optimizer
-between yields, so a later loss sees the earlier groups' new weights. `loss` is the SUM over members of
-each member's own loss, so member k's gradient is exactly that of its own loss. `metrics` maps names to
-detached (K,) tensors; no `.item()`/`.cpu()` here, so the update stays graph-capturable.
+between yields, so a later loss sees the earlier groups' new weights. `loss` is the (K,) vector of the
+members' own losses; the learner backpropagates its sum, so member k's gradient is exactly that of its own
+loss, and logs each member's value. `metrics` maps names to detached (K,) tensors; no `.item()`/`.cpu()`
+here, so the update stays graph-capturable.
 
 Actions: the algorithms work in a normalized action space [-1, 1] (`prepare` maps dataset actions into it,
 `act` maps policy actions back). Observations are standardized with the dataset mean/std when the config's
