@@ -24,7 +24,7 @@ dependent std), entropy temperature alpha. Per member, expectations are means ov
 Groups, in the reference's order: `alpha` (with auto_entropy), `actor`, `cql_alpha` (with cql_lagrange),
 `critic`. As in the reference code, every loss of a step is computed from the parameters before that step's
 updates (the alpha in the actor and critic losses is the pre-update value), so the order only fixes when each
-optimizer steps. The yielded loss of a group is the sum over members of their losses.
+optimizer steps. Each group yields the (K,) vector of per-member losses.
 
 Defaults: CORL's `cql.py` and its D4RL locomotion configs (the reference implementation publishing D4RL
 scores): cql_alpha 10, 10 actions per source, importance sampling on, temperature 1, automatic entropy tuning
@@ -214,11 +214,11 @@ class CQL(Algorithm):
 
         # ----- yields in the reference's order ---------------------------------------------------------
         if cfg.auto_entropy:
-            yield "alpha", alpha_loss.sum(), {"entropy_alpha": alpha}
-        yield "actor", actor_loss.sum(), {"log_pi": logp_pi.detach().mean(1)}
+            yield "alpha", alpha_loss, {"entropy_alpha": alpha}
+        yield "actor", actor_loss, {"log_pi": logp_pi.detach().mean(1)}
         if cfg.cql_lagrange:
-            yield "cql_alpha", alpha_prime_loss.sum(), {"alpha_prime": alpha_prime.detach()}
-        yield "critic", critic_loss.sum(), {"q_mean": q_data.detach().mean((1, 2)), "target_q": target.mean(1),
+            yield "cql_alpha", alpha_prime_loss, {"alpha_prime": alpha_prime.detach()}
+        yield "critic", critic_loss, {"q_mean": q_data.detach().mean((1, 2)), "target_q": target.mean(1),
                                             "cql_gap": gap.detach().mean(1)}
         soft_update(self.critic_target, self.critic, cfg.tau)
 

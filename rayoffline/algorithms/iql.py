@@ -10,7 +10,7 @@ per member (expectations are means over the member's batch):
             L_Q = 1/2 * sum_i E[(Q_i(s, a) - y)^2];   then Q' <- (1 - rate) Q' + rate * Q
     actor:  w = min(exp(beta * u), exp_adv_max)    (u from the value step, no gradient)
             L_pi = -E[ w * log pi(a | s) ]        pi(.|s) = N(tanh(mlp(s)), diag(exp(log_std)))
-The yielded loss of a group is the sum over members of their losses. Groups in the paper's order:
+Each group yields the (K,) vector of per-member losses. Groups in the paper's order:
 `value`, `critic`, `actor`, once per step each.
 
 Defaults: CORL's `iql.py` (the reference implementation publishing D4RL scores): expectile 0.7, beta 3.0,
@@ -98,11 +98,11 @@ class IQL(Algorithm):
         v = self.value(obs)                                               # (K, B)
         adv = target_q - v                                                # (K, B)
         value_loss = expectile_loss(adv, self.coef("expectile")).mean(1)  # (K,)
-        yield "value", value_loss.sum(), {"v_mean": v.detach().mean(1)}
+        yield "value", value_loss, {"v_mean": v.detach().mean(1)}
 
         q = self.critic(obs, act)                                         # (K, 2, B)
         critic_loss = (q - y[:, None]).square().mean((1, 2))              # (K,) mean of the twins' MSEs
-        yield "critic", critic_loss.sum(), {"q_mean": q.detach().mean((1, 2))}
+        yield "critic", critic_loss, {"q_mean": q.detach().mean((1, 2))}
         soft_update(self.critic_target, self.critic, self.cfg.tau)
 
         adv = adv.detach()
@@ -112,7 +112,7 @@ class IQL(Algorithm):
         else:
             nll = -self.actor.log_prob(obs, act)                          # (K, B)
         actor_loss = (weight * nll).mean(1)                               # (K,)
-        yield "actor", actor_loss.sum(), {"adv_mean": adv.mean(1), "weight_mean": weight.mean(1)}
+        yield "actor", actor_loss, {"adv_mean": adv.mean(1), "weight_mean": weight.mean(1)}
 
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         return self.actor(obs)

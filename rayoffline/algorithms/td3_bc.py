@@ -11,7 +11,7 @@ Actor (every `policy_freq` steps, after that step's critic update; targets follo
     lambda = alpha / E[|Q_1(s, pi(s))|]                            (no gradient through lambda)
     L_pi   = -lambda * E[Q_1(s, pi(s))] + E[mean_j (pi(s)_j - a_j)^2]
     theta' <- (1 - tau) theta' + tau theta  for Q'_1, Q'_2 and pi'
-Every expectation is a mean over the member's batch; the yielded loss is the sum over members.
+Every expectation is a mean over the member's batch; each group yields the (K,) vector of per-member losses.
 
 Groups, in the paper's order: `critic` each step, then `actor` on steps where step % policy_freq == 0
 (the learner counts steps from 1, so the actor first moves on step 2, as in the reference code's
@@ -99,7 +99,7 @@ class TD3BC(Algorithm):
 
         q = self.critic(obs, act)                                              # (K, 2, B)
         critic_loss = (q - target[:, None]).square().mean(2).sum(1)            # (K,) sum of the twins' MSEs
-        yield "critic", critic_loss.sum(), {"q_mean": q.detach().mean((1, 2)), "target_q": target.mean(1)}
+        yield "critic", critic_loss, {"q_mean": q.detach().mean((1, 2)), "target_q": target.mean(1)}
 
         if step % self.cfg.policy_freq == 0:
             pi = self.actor(obs)                                               # (K, B, act)
@@ -108,7 +108,7 @@ class TD3BC(Algorithm):
             bc = (pi - act).square().mean((1, 2))                              # (K,)
             actor_q = q_pi.mean(1)                                             # (K,)
             actor_loss = bc - lam * actor_q
-            yield "actor", actor_loss.sum(), {"lambda": lam, "bc_mse": bc.detach(), "actor_q": actor_q.detach()}
+            yield "actor", actor_loss, {"lambda": lam, "bc_mse": bc.detach(), "actor_q": actor_q.detach()}
             soft_update(self.critic_target, self.critic, self.cfg.tau)
             soft_update(self.actor_target, self.actor, self.cfg.tau)
 

@@ -13,11 +13,9 @@ from rayoffline.batch import Batch
 from rayoffline.errors import ConfigError
 from rayoffline.spec import EnvSpec
 
-from ._reference import RecordingRNG, assert_close, drive, mlp, weights
+from ._reference import OBS_MEAN, OBS_STD, RecordingRNG, assert_close, drive, member_batch, mlp, norm, weights
 
 SPEC = EnvSpec(obs_dim=4, action_dim=2, discrete=False, action_low=(-1.0,) * 2, action_high=(1.0,) * 2)
-OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
-OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
 K, B, N, A = 2, 12, 3, 2
 
 
@@ -32,15 +30,7 @@ def make(per_member=({}, {}), **kw) -> CQL:
 
 
 def batch(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    obs = OBS_MEAN + OBS_STD * torch.randn(K, B, 4, generator=g)
-    return Batch(observations=obs, actions=torch.rand(K, B, A, generator=g) * 1.8 - 0.9,
-                 rewards=torch.randn(K, B, generator=g), next_observations=obs + 0.3 * torch.randn(K, B, 4, generator=g),
-                 terminations=(torch.arange(B) % 3 == 0).float().expand(K, B).clone(), truncations=torch.zeros(K, B))
-
-
-def norm(obs):
-    return ((obs - OBS_MEAN) / OBS_STD).double()
+    return member_batch(seed, K, B, act_dim=A)
 
 
 def policy(alg: CQL, k: int, s: torch.Tensor):
@@ -54,11 +44,11 @@ def q(alg: CQL, net, k: int, e: int, s: torch.Tensor, a: torch.Tensor) -> torch.
 
 
 def reference(alg: CQL, bt: Batch, step: int, draws) -> dict[str, torch.Tensor]:
-    """Every loss from the parameters at the start of the step (the reference code's order)."""
+    """Every per-member loss (K,) from the parameters at the start of the step (the reference code's order)."""
     (k1, eps_cur), (k2, eps_next), (k3, uniform) = draws
     assert (k1, k2, k3) == ("randn", "randn", "rand")
     assert eps_cur.shape == eps_next.shape == uniform.shape == (K, B, N, A)
-    out = {g: torch.zeros((), dtype=torch.float64) for g in ("alpha", "actor", "cql_alpha", "critic")}
+    out: dict[str, list] = {g: [] for g in ("alpha", "actor", "cql_alpha", "critic")}
     gaps = []
     for k, cfg in enumerate(alg.configs):
         s, s2, a = norm(bt.observations[k]), norm(bt.next_observations[k]), bt.actions[k].double()
@@ -68,12 +58,12 @@ def reference(alg: CQL, bt: Batch, step: int, draws) -> dict[str, torch.Tensor]:
         a_cur = [torch.tanh(mean + std * eps_cur[k, :, j].double()) for j in range(N)]
         logp_cur = [dist.log_prob(x).sum(-1) for x in a_cur]
         # entropy temperature and actor: the first policy sample at s
-        out["alpha"] += -(log_alpha * (logp_cur[0] + (-A))).mean()
+        out["alpha"].append(-(log_alpha * (logp_cur[0] + (-A))).mean())
         if step <= cfg.bc_steps:
             obj = dist.log_prob(a).sum(-1)
         else:
             obj = torch.minimum(q(alg, alg.critic.net, k, 0, s, a_cur[0]), q(alg, alg.critic.net, k, 1, s, a_cur[0]))
-        out["actor"] += (alpha * logp_cur[0] - obj).mean()
+        out["actor"].append((alpha * logp_cur[0] - obj).mean())
         # TD target from the first next-policy sample
         nmean, nstd, ndist = policy(alg, k, s2)
         a_next = [torch.tanh(nmean + nstd * eps_next[k, :, j].double()) for j in range(N)]
@@ -102,12 +92,11 @@ def reference(alg: CQL, bt: Batch, step: int, draws) -> dict[str, torch.Tensor]:
         if cfg.cql_lagrange:
             alpha_prime = alg.log_alpha_prime[k].detach().double().exp().clamp(0.0, 1e6)
             excess = sum(g - cfg.cql_target_action_gap for g in gap_k)
-            out["critic"] += td + alpha_prime * cfg.cql_alpha * excess
-            out["cql_alpha"] += -0.5 * alpha_prime * cfg.cql_alpha * excess
+            out["critic"].append(td + alpha_prime * cfg.cql_alpha * excess)
+            out["cql_alpha"].append(-0.5 * alpha_prime * cfg.cql_alpha * excess)
         else:
-            out["critic"] += td + cfg.cql_alpha * sum(gap_k)
-    out["gaps"] = torch.stack(gaps)
-    return out
+            out["critic"].append(td + cfg.cql_alpha * sum(gap_k))
+    return {**{g: torch.stack(v) for g, v in out.items() if v}, "gaps": torch.stack(gaps)}
 
 
 def run_and_check(alg: CQL, steps=(1, 2)) -> list[dict]:

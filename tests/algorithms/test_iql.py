@@ -7,11 +7,9 @@ from rayoffline.algorithms.iql import IQL, IQLConfig
 from rayoffline.batch import Batch
 from rayoffline.spec import EnvSpec
 
-from ._reference import assert_close, drive, mlp, weights
+from ._reference import OBS_MEAN, OBS_STD, assert_close, drive, member_batch, mlp, norm, weights
 
 SPEC = EnvSpec(obs_dim=4, action_dim=2, discrete=False, action_low=(-1.0,) * 2, action_high=(1.0,) * 2)
-OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
-OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
 K, B = 2, 16
 
 
@@ -22,21 +20,13 @@ def make(**kw) -> IQL:
 
 
 def batch(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    obs = OBS_MEAN + OBS_STD * torch.randn(K, B, 4, generator=g)
-    return Batch(observations=obs, actions=torch.rand(K, B, 2, generator=g) * 1.8 - 0.9,
-                 rewards=torch.randn(K, B, generator=g), next_observations=obs + 0.3 * torch.randn(K, B, 4, generator=g),
-                 terminations=(torch.arange(B) % 5 == 0).float().expand(K, B).clone(), truncations=torch.zeros(K, B))
-
-
-def norm(obs):
-    return ((obs - OBS_MEAN) / OBS_STD).double()
+    return member_batch(seed, K, B, term_every=5)
 
 
 def reference(alg: IQL, bt: Batch) -> dict[str, torch.Tensor]:
-    """All three losses from the weights at the start of the step (what the paper's update order implies:
-    V(s') and the advantage come from the value net before its step)."""
-    out = {"value": 0.0, "critic": 0.0, "actor": 0.0}
+    """All three per-member losses (K,) from the weights at the start of the step (what the paper's update
+    order implies: V(s') and the advantage come from the value net before its step)."""
+    out: dict[str, list] = {"value": [], "critic": [], "actor": []}
     raw_weights = []
     for k, cfg in enumerate(alg.configs):
         s, s2, a = norm(bt.observations[k]), norm(bt.next_observations[k]), bt.actions[k].double()
@@ -44,10 +34,11 @@ def reference(alg: IQL, bt: Batch) -> dict[str, torch.Tensor]:
         target_q = torch.minimum(*(mlp(weights(alg.critic_target.net, 2 * k + e), sa)[:, 0] for e in range(2)))
         v = mlp(weights(alg.value.net, k), s)[:, 0]
         u = target_q - v
-        out["value"] += (torch.where(u < 0, 1.0 - cfg.expectile, cfg.expectile) * u ** 2).mean()
-        y = bt.rewards[k].double() + cfg.discount * (1 - bt.terminations[k].double()) * mlp(weights(alg.value.net, k), s2)[:, 0]
-        out["critic"] += 0.5 * sum(((mlp(weights(alg.critic.net, 2 * k + e), sa)[:, 0] - y) ** 2).mean()
-                                   for e in range(2))
+        out["value"].append((torch.where(u < 0, 1.0 - cfg.expectile, cfg.expectile) * u ** 2).mean())
+        next_v = mlp(weights(alg.value.net, k), s2)[:, 0]
+        y = bt.rewards[k].double() + cfg.discount * (1 - bt.terminations[k].double()) * next_v
+        out["critic"].append(0.5 * sum(((mlp(weights(alg.critic.net, 2 * k + e), sa)[:, 0] - y) ** 2).mean()
+                                       for e in range(2)))
         raw = torch.exp(cfg.beta * u)
         raw_weights.append(raw)
         w = raw.clamp(max=cfg.exp_adv_max)
@@ -57,9 +48,8 @@ def reference(alg: IQL, bt: Batch) -> dict[str, torch.Tensor]:
         else:
             std = alg.actor.log_std[k, 0].detach().double().clamp(-20.0, 2.0).exp()
             nll = -torch.distributions.Normal(mean, std).log_prob(a).sum(-1)
-        out["actor"] += (w * nll).mean()
-    out["raw_weights"] = torch.stack(raw_weights)
-    return out
+        out["actor"].append((w * nll).mean())
+    return {**{g: torch.stack(v) for g, v in out.items()}, "raw_weights": torch.stack(raw_weights)}
 
 
 def run_and_check(alg: IQL, steps: int = 3) -> list[torch.Tensor]:

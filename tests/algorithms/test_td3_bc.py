@@ -7,11 +7,9 @@ from rayoffline.algorithms.td3_bc import TD3BC, TD3BCConfig
 from rayoffline.batch import Batch
 from rayoffline.spec import EnvSpec
 
-from ._reference import RecordingRNG, assert_close, drive, mlp, weights
+from ._reference import OBS_MEAN, OBS_STD, RecordingRNG, assert_close, drive, member_batch, mlp, norm, weights
 
 SPEC = EnvSpec(obs_dim=4, action_dim=2, discrete=False, action_low=(-1.0,) * 2, action_high=(1.0,) * 2)
-OBS_MEAN = torch.tensor([0.5, -0.2, 0.1, 0.0])
-OBS_STD = torch.tensor([2.0, 1.0, 0.5, 1.5])
 K, B = 2, 8
 
 
@@ -24,19 +22,12 @@ def make(**kw) -> TD3BC:
 
 
 def batch(seed: int) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    obs = OBS_MEAN + OBS_STD * torch.randn(K, B, 4, generator=g)
-    return Batch(observations=obs, actions=torch.rand(K, B, 2, generator=g) * 1.8 - 0.9,
-                 rewards=torch.randn(K, B, generator=g), next_observations=obs + 0.3 * torch.randn(K, B, 4, generator=g),
-                 terminations=(torch.arange(B) % 3 == 0).float().expand(K, B).clone(), truncations=torch.zeros(K, B))
-
-
-def norm(obs):
-    return ((obs - OBS_MEAN) / OBS_STD).double()
+    return member_batch(seed, K, B)
 
 
 def critic_ref(alg: TD3BC, bt: Batch, noise: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros((), dtype=torch.float64)
+    """Per-member critic losses (K,)."""
+    losses = []
     for k, cfg in enumerate(alg.configs):
         s, s2, a = norm(bt.observations[k]), norm(bt.next_observations[k]), bt.actions[k].double()
         eps = (noise[k].double() * cfg.policy_noise).clamp(-cfg.noise_clip, cfg.noise_clip)
@@ -44,22 +35,22 @@ def critic_ref(alg: TD3BC, bt: Batch, noise: torch.Tensor) -> torch.Tensor:
         q2 = torch.minimum(*(mlp(weights(alg.critic_target.net, 2 * k + e), torch.cat([s2, a2], 1))[:, 0]
                              for e in range(2)))
         y = bt.rewards[k].double() + cfg.discount * (1.0 - bt.terminations[k].double()) * q2
-        for e in range(2):
-            q = mlp(weights(alg.critic.net, 2 * k + e), torch.cat([s, a], 1))[:, 0]
-            total = total + ((q - y) ** 2).mean()
-    return total
+        losses.append(sum(((mlp(weights(alg.critic.net, 2 * k + e), torch.cat([s, a], 1))[:, 0] - y) ** 2).mean()
+                          for e in range(2)))
+    return torch.stack(losses)
 
 
 def actor_ref(alg: TD3BC, bt: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    total, lams = torch.zeros((), dtype=torch.float64), []
+    """Per-member actor losses and lambdas, (K,) each."""
+    losses, lams = [], []
     for k, cfg in enumerate(alg.configs):
         s, a = norm(bt.observations[k]), bt.actions[k].double()
         pi = torch.tanh(mlp(weights(alg.actor.net, k), s))
         q = mlp(weights(alg.critic.net, 2 * k), torch.cat([s, pi], 1))[:, 0]  # the first critic only
         lam = cfg.alpha / q.abs().mean()
-        total = total - lam * q.mean() + ((pi - a) ** 2).mean()
+        losses.append(-lam * q.mean() + ((pi - a) ** 2).mean())
         lams.append(lam)
-    return total, torch.stack(lams)
+    return torch.stack(losses), torch.stack(lams)
 
 
 def test_losses_match_the_equations_and_targets_follow_the_actor():
