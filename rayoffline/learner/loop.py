@@ -59,7 +59,7 @@ class Learner:
         self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
+        self._counts: dict[str, int] = {}
 
     def sample(self) -> Batch:
         idx = self.sampler.randint(self.n, (self.batch_size,))  # (K, B) on the device
@@ -78,24 +78,29 @@ class Learner:
     def step(self, step: int) -> None:
         """One update of every group, in the algorithm's order. No host synchronization."""
         batch = self.sample()
-        sums = self._sums
         for group, loss, metrics in self.algorithm.update(batch, step):
             self.apply(group, loss)
-            key = f"loss/{group}"
-            lv = loss.detach()
-            sums[key] = sums[key] + lv if key in sums else lv.clone()
+            self._accumulate(f"loss/{group}", loss.detach())
             for name, value in metrics.items():
-                key = f"train/{name}"
-                sums[key] = sums[key] + value if key in sums else value.clone()
-        self._count += 1
+                self._accumulate(f"train/{name}", value)
+
+    def _accumulate(self, key: str, value: torch.Tensor) -> None:
+        # counted per key: a group that does not update every step (TD3+BC's delayed actor) is averaged over
+        # the steps it ran
+        if key in self._sums:
+            self._sums[key] += value
+            self._counts[key] += 1
+        else:
+            self._sums[key] = value.clone()
+            self._counts[key] = 1
 
     def pop_metrics(self) -> dict[str, list[float]]:
         """Per-member means over the steps since the last call (one host transfer)."""
-        if not self._count:
+        if not self._sums:
             return {}
         keys = list(self._sums)
-        values = (torch.stack([self._sums[k].float() for k in keys]) / self._count).cpu().tolist()
-        self._sums, self._count = {}, 0
+        values = torch.stack([self._sums[k].float() / self._counts[k] for k in keys]).cpu().tolist()
+        self._sums, self._counts = {}, {}
         return dict(zip(keys, values))
 
     # ----- state --------------------------------------------------------------------------------------

@@ -92,3 +92,22 @@ def test_loads_with_weights_only(tmp_path, monkeypatch):
                                    "seeds": [], "run_config": {}})
     ckpt.load(path)
     assert seen.get("weights_only") is True
+
+
+def test_delayed_groups_are_averaged_over_the_steps_they_ran():
+    """TD3+BC updates its actor every 2nd step: its logged loss is the mean over those steps only."""
+    learner = _learner("td3_bc")
+    seen = []
+    real_update = learner.algorithm.update
+
+    def spy(batch, step):
+        for group, loss, metrics in real_update(batch, step):
+            if group == "actor":
+                seen.append(loss.detach().clone())
+            yield group, loss, metrics
+    learner.algorithm.update = spy
+    for s in range(1, 5):
+        learner.step(s)
+    m = learner.pop_metrics()
+    assert len(seen) == 2
+    assert m["loss/actor"] == pytest.approx(torch.stack(seen).mean(0).tolist(), rel=1e-6)
