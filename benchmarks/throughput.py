@@ -65,7 +65,7 @@ def sync(device: torch.device) -> None:
 def make_learner(name: str, k: int, device: torch.device) -> Learner:
     cls = algorithms.get(name)
     spec = spec_for(name)
-    alg = cls(spec, [cls.Config()] * k, list(range(k)), device=device)
+    alg = cls(spec, [cls.Config(hidden=(256, 256))] * k, list(range(k)), device=device)  # the issue: 2x256 MLPs
     return Learner(alg, dataset(spec, device), BATCH)
 
 

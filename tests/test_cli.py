@@ -136,3 +136,29 @@ def test_overrides_parse_numbers_and_nested_keys():
     cfg = build_config("iql", {"algo": {"beta": "1e-1"}}, ["algo.actor_lr=1e-3", "steps=5", "algo.hidden=[8, 8]"])
     assert cfg["members"][0].actor_lr == 1e-3 and cfg["members"][0].beta == 0.1
     assert cfg["run"].steps == 5 and cfg["members"][0].hidden == (8, 8)
+
+
+def test_dataset_without_env_fails_before_training(ray_cluster, tmp_path, capsys):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayoffline import data
+    n = 64
+    rng = np.random.default_rng(0)
+    table = pa.table({"obs_0": rng.standard_normal(n), "obs_1": rng.standard_normal(n),
+                      "act_0": rng.uniform(-1, 1, n), "r": rng.standard_normal(n),
+                      "term": np.zeros(n, bool), "trunc": (np.arange(n) % 16 == 15), "ep": np.arange(n) // 16})
+    pq.write_table(table, tmp_path / "logs.parquet")
+    ds = tmp_path / "ds"
+    data.convert(str(tmp_path / "logs.parquet"), ds, mapping={
+        "observations": "obs_*", "actions": "act_*", "rewards": "r", "terminations": "term",
+        "truncations": "trunc", "episode_id": "ep"})
+    out = tmp_path / "run"
+    assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "5", "--out", str(out)]) == 2
+    assert "env_id" in capsys.readouterr().err
+    assert not out.exists()
+    # without online evaluation the same dataset trains
+    assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "5", "--out", str(out),
+                 "--set", "eval_episodes=0"]) == 0
+    assert json.loads((out / "result.json").read_text())["eval_return_mean"] is None

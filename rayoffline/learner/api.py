@@ -173,6 +173,9 @@ def train(algo: str, data: str, out: str | Path, steps: int | None = None,
     device = _device(run.device)
     data_dir, meta = _dataset(data)
     algorithm = _build_algorithm(cfg, meta, device)  # validates the action space before anything is written
+    if run.eval_episodes:  # fail now, not after training, when the environment cannot be recovered
+        from ..evaluation.rollout import make_env
+        make_env(meta.get("env_id"), meta.get("env_spec"))
 
     from .. import data as data_mod
     batch = data_mod.load(data_dir, device=device)
@@ -328,7 +331,7 @@ def describe_algorithms() -> str:
     return "\n".join(lines)
 
 
-DEMO_STEPS = 20_000
+DEMO_STEPS = 10_000
 
 
 def demo(out: str | Path = "runs/demo", steps: int | None = None) -> int:
