@@ -161,6 +161,19 @@ def _fill(out: dict[str, np.ndarray], pos: int, table, path: Path, row0: int) ->
     return n
 
 
+
+def _row_groups_overlapping(md, seg) -> tuple[list[int], int]:
+    """Indices of the row groups that hold rows [seg.start, seg.stop) and the file row the first starts at."""
+    groups, first, offset = [], 0, 0
+    for i in range(md.num_row_groups):
+        n = md.row_group(i).num_rows
+        if offset < seg.stop and offset + n > seg.start:
+            if not groups:
+                first = offset
+            groups.append(i)
+        offset += n
+    return groups, first
+
 def _read_segment(seg: Segment, columns: list[str]):
     """Arrow table of `seg`'s rows, reading only the row groups that overlap it."""
     import pyarrow.parquet as pq
@@ -173,13 +186,7 @@ def _read_segment(seg: Segment, columns: list[str]):
             raise DataError(f"{seg.path}: missing column(s) {', '.join(missing)}; expected {', '.join(columns)}")
         if seg.start == 0 and seg.stop == md.num_rows:
             return pf.read(columns=columns, use_threads=True)
-        groups, first, offset = [], None, 0
-        for i in range(md.num_row_groups):
-            n = md.row_group(i).num_rows
-            if offset < seg.stop and offset + n > seg.start:
-                groups.append(i)
-                first = offset if first is None else first
-            offset += n
+        groups, first = _row_groups_overlapping(md, seg)
         table = pf.read_row_groups(groups, columns=columns, use_threads=True)
         return table.slice(seg.start - first, len(seg))
     except DataError:
@@ -264,13 +271,7 @@ def iter_chunks(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
                               f"the Parquet reader needs ~{reserve} bytes plus {_CHUNKS_RESIDENT} x {layout.row_bytes} "
                               f"bytes per row of a chunk")
         md = pf.metadata
-        groups, offset, first = [], 0, None
-        for i in range(md.num_row_groups):
-            n = md.row_group(i).num_rows
-            if offset < seg.stop and offset + n > seg.start:
-                groups.append(i)
-                first = offset if first is None else first
-            offset += n
+        groups, first = _row_groups_overlapping(md, seg)
         if not groups:
             continue
         at = first  # file row of the next record batch
