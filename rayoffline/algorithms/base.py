@@ -40,7 +40,7 @@ class AlgoConfig:
     hidden: tuple[int, ...] = (256, 256)
     """Hidden layer widths of every MLP (actor, critics, value)."""
     discount: float = member(0.99)
-    """Discount factor gamma (per member)."""
+    """Discount factor gamma."""
     normalize_obs: bool = True
     """Standardize observations with the dataset's mean and std (training and acting)."""
 

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -316,7 +317,7 @@ def describe_algorithms() -> str:
     lines = []
     for name in algorithms.names():
         cls = algorithms.get(name)
-        doc = (cls.__doc__ or cls.__module__).strip().splitlines()[0]
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or name).strip().splitlines()[0]
         lines.append(f"{name}  [{', '.join(cls.action_types)} actions]  {doc}")
         docs = field_docs(cls.Config)
         for f in dataclasses.fields(cls.Config):
