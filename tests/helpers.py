@@ -30,9 +30,3 @@ def random_data(spec: EnvSpec, n: int = 512, seed: int = 0) -> Batch:
     return Batch(observations=obs, actions=act, rewards=torch.randn(n, generator=g), next_observations=nxt,
                  terminations=term, truncations=trunc)
 
-
-def member_batch(spec: EnvSpec, k: int, b: int = 16, seed: int = 0) -> Batch:
-    data = random_data(spec, n=k * b, seed=seed)
-    return Batch(**{name: getattr(data, name).reshape(k, b, *getattr(data, name).shape[1:])
-                    for name in ("observations", "actions", "rewards", "next_observations", "terminations",
-                                 "truncations")})

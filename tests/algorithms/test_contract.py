@@ -7,7 +7,7 @@ import torch
 from rayoffline import algorithms
 from rayoffline.errors import ConfigError
 from rayoffline.learner.loop import Learner
-from tests.helpers import CONT, DISC, member_batch, random_data, spec_for
+from tests.helpers import CONT, DISC, random_data, spec_for
 
 NAMES = algorithms.names()
 SMALL = (32, 32)

@@ -141,6 +141,16 @@ def as_observations(arr: np.ndarray, file: str, column: str,
     return out
 
 
+def as_next_observations(arr: np.ndarray, file: str, column: str, obs: np.ndarray, obs_column: str,
+                         describe: Callable[[int], str] = describe_row) -> np.ndarray:
+    """Like as_observations, and the width must match the observations'."""
+    nxt = as_observations(arr, file, column, describe)
+    if nxt.shape[1] != obs.shape[1]:
+        raise DataError(f"{file}: column {column!r} has {nxt.shape[1]} values per row but {obs_column!r} has "
+                        f"{obs.shape[1]}; they must match")
+    return nxt
+
+
 def as_actions(arr: np.ndarray, file: str, column: str,
                describe: Callable[[int], str] = describe_row) -> np.ndarray:
     """Integer (or bool) scalars -> Discrete (n,) int64; floats -> Box (n, act_dim) float32."""

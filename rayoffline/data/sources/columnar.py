@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import DataError
-from ._common import (FIELDS, Chunk, SourceData, as_actions, as_flags, as_observations, as_rewards,
+from ._common import (FIELDS, Chunk, SourceData, as_actions, as_flags, as_next_observations, as_observations, as_rewards,
                       check_lengths, episode_keys_from_flags)
 
 RLLIB_COLUMNS = {"observations": "obs", "actions": "actions", "rewards": "rewards", "next_observations": "new_obs",
@@ -220,10 +220,8 @@ def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
         obs = as_observations(arrays["observations"], file, names["observations"])
         nxt = None
         if "next_observations" in arrays:
-            nxt = as_observations(arrays["next_observations"], file, names["next_observations"])
-            if nxt.shape[1] != obs.shape[1]:
-                raise DataError(f"{file}: column {names['next_observations']!r} has {nxt.shape[1]} values per row "
-                                f"but {names['observations']!r} has {obs.shape[1]}; they must match")
+            nxt = as_next_observations(arrays["next_observations"], file, names["next_observations"], obs,
+                                       names["observations"])
         term = as_flags(arrays["terminations"], file, names["terminations"])
         trunc = (as_flags(arrays["truncations"], file, names["truncations"]) if "truncations" in arrays
                  else np.zeros(len(term), dtype=bool))

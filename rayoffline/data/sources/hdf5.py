@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DataError
-from ._common import (Chunk, SourceData, as_actions, as_flags, as_observations, as_rewards, check_lengths,
-                      episode_keys_from_flags)
+from ._common import (Chunk, SourceData, as_actions, as_flags, as_next_observations, as_observations, as_rewards,
+                      check_lengths, episode_keys_from_flags)
 from .columnar import check_mapping
 
 D4RL_KEYS = {"observations": "observations", "actions": "actions", "rewards": "rewards",
@@ -72,10 +72,8 @@ def read_hdf5(path: Path, mapping: dict[str, str] | None = None) -> SourceData:
     trunc = as_flags(arrays["truncations"], file, keys["truncations"])
     nxt = None
     if "next_observations" in arrays:
-        nxt = as_observations(arrays["next_observations"], file, keys["next_observations"])
-        if nxt.shape[1] != obs.shape[1]:
-            raise DataError(f"{file}: {keys['next_observations']!r} has {nxt.shape[1]} values per row but "
-                            f"{keys['observations']!r} has {obs.shape[1]}; they must match")
+        nxt = as_next_observations(arrays["next_observations"], file, keys["next_observations"], obs,
+                                   keys["observations"])
     chunk = Chunk(file=file, columns=dict(keys), observations=obs,
                   actions=as_actions(arrays["actions"], file, keys["actions"]),
                   rewards=as_rewards(arrays["rewards"], file, keys["rewards"]),
