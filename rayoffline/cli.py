@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--png", default=None, help="where to write the PNG (default: DIR/inspect.png)")
 
     t = sub.add_parser("train", help="train an offline RL algorithm")
-    t.add_argument("--algo", required=True)
-    t.add_argument("--data", required=True, help="converted dataset directory or builtin:NAME")
+    t.add_argument("--algo", default=None, help="algorithm name (see `rayoffline algos`); not needed with --resume")
+    t.add_argument("--data", default=None, help="converted dataset directory or builtin:NAME; not needed with --resume")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--config", default=None, help="YAML file with run and algo.* keys")

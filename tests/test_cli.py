@@ -162,3 +162,75 @@ def test_dataset_without_env_fails_before_training(ray_cluster, tmp_path, capsys
     assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "5", "--out", str(out),
                  "--set", "eval_episodes=0"]) == 0
     assert json.loads((out / "result.json").read_text())["eval_return_mean"] is None
+
+
+def _train(out, steps, **extra):
+    import rayoffline
+    cfg = {"batch_size": 32, "log_every": 5, "eval_episodes": 0, "checkpoint_every": 10, "threads": 1,
+           "algo": {"hidden": [16, 16]}}
+    return rayoffline.train("iql", "builtin:pendulum-medium", out, steps=steps, config=cfg, **extra)
+
+
+def test_resume_refuses_to_change_what_the_checkpoint_was_trained_with(ray_cluster, tmp_path):
+    import rayoffline
+    from rayoffline.errors import ConfigError
+    out = tmp_path / "run"
+    _train(out, 20)
+    before = _snapshot(out)
+    for kwargs, message in [
+        ({"overrides": ["algo.expectile=0.9"]}, "'algo' cannot change"),
+        ({"overrides": ["seed=4"]}, "'seed' cannot change"),
+        ({"steps": 10}, "below the 20 steps"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            rayoffline.train(None, None, out, resume=True, **{"steps": 30, **kwargs})
+    with pytest.raises(ConfigError, match="trained with algorithm 'iql', not 'td3_bc'"):
+        rayoffline.train("td3_bc", None, out, steps=30, resume=True)
+    assert _snapshot(out) == before
+    # run-level settings may change, and the optimizer keeps the configured learning rate
+    result = rayoffline.train(None, None, out, steps=30, resume=True, overrides=["log_every=10"])
+    assert result["steps"] == 30
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 30]
+
+
+def test_run_that_crashed_before_its_first_checkpoint_can_be_resumed(ray_cluster, tmp_path, monkeypatch):
+    import rayoffline
+    from rayoffline.learner.loop import Learner
+    out = tmp_path / "run"
+    real = Learner.step
+
+    def crash(self, step):
+        if step == 7:
+            raise RuntimeError("node lost")
+        real(self, step)
+    monkeypatch.setattr(Learner, "step", crash)
+    with pytest.raises(RuntimeError, match="node lost"):
+        _train(out, 20)
+    assert not (out / "checkpoints").exists() and (out / "config.yaml").exists()
+    monkeypatch.setattr(Learner, "step", real)
+    result = rayoffline.train(None, None, out, resume=True)
+    assert result["steps"] == 20
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+
+
+def test_final_checkpoint_is_written_before_the_final_evaluation(ray_cluster, tmp_path, monkeypatch):
+    from rayoffline.learner import api
+    out = tmp_path / "run"
+
+    def broken(*a, **k):
+        raise RuntimeError("env crashed")
+    monkeypatch.setattr(api, "_evaluate", broken)
+    with pytest.raises(RuntimeError, match="env crashed"):
+        api.train("iql", "builtin:pendulum-medium", out, steps=12, config={
+            "batch_size": 32, "eval_episodes": 2, "checkpoint_every": 0, "algo": {"hidden": [16, 16]}})
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000012.pt"]
+
+
+def test_run_files_are_readable_by_the_team(iql_run):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.yaml", "result.json", "checkpoints/step_00000200.pt"):
+        assert (iql_run / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

@@ -65,7 +65,7 @@ def build_config(algo: str, config: dict[str, Any] | str | Path | None = None,
     elif config:
         raw = json.loads(json.dumps(config))  # deep copy of plain data
     if overrides:
-        merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides))
+        merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else _nest_dict(overrides))
     if steps is not None:
         raw["steps"] = steps
     if seed is not None:
@@ -98,6 +98,16 @@ def build_config(algo: str, config: dict[str, Any] | str | Path | None = None,
     return {"algo_name": algo, "run": run, "members": configs, "seeds": seeds}
 
 
+def _nest_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """{"algo.lr": 0.1, "steps": 5} -> {"algo": {"lr": 0.1}, "steps": 5}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        for part in reversed(str(key).split(".")[1:]):
+            value = {part: value}
+        merge(out, {str(key).split(".")[0]: value})
+    return out
+
+
 def _config_to_yaml(cfg: dict[str, Any], data: str) -> dict[str, Any]:
     out: dict[str, Any] = {"algo_name": cfg["algo_name"], "data": data, **to_dict(cfg["run"])}
     out["algo"] = to_dict(cfg["members"][0])
@@ -113,7 +123,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        ckpt.publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -142,7 +154,7 @@ def _build_algorithm(cfg: dict[str, Any], meta: dict[str, Any], device: torch.de
 
 
 # ----- training -----------------------------------------------------------------------------------------
-def train(algo: str, data: str, out: str | Path, steps: int | None = None,
+def train(algo: str | None, data: str | None, out: str | Path, steps: int | None = None,
           config: dict[str, Any] | str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
           seed: int | None = None, resume: bool = False) -> dict[str, Any]:
     """Train `algo` on `data` (a converted dataset dir or builtin:NAME) into run directory `out`.
@@ -152,18 +164,39 @@ def train(algo: str, data: str, out: str | Path, steps: int | None = None,
     run_dir = Path(out)
     start = 0
     state = None
+    if data is not None and not data.startswith(("builtin:", "minari:")):
+        data = str(Path(data).resolve())  # config.yaml must find it again from any working directory
     if resume:
         saved = run_dir / "config.yaml"
         if not saved.exists():
             raise CheckpointError(f"{run_dir}: nothing to resume (no config.yaml)")
         sc = _load_yaml(saved)
-        algo, data = sc.pop("algo_name"), sc.pop("data")
-        cfg = build_config(algo, sc, overrides, steps=steps)
-        state = ckpt.load(ckpt.latest(run_dir))
-        if state["algo"] != algo:
-            raise CheckpointError(f"{run_dir}: checkpoint is for '{state['algo']}', config says '{algo}'")
-        start = int(state["step"])
+        saved_algo, saved_data = sc.pop("algo_name"), sc.pop("data")
+        for given, was, what in ((algo, saved_algo, "algorithm"), (data, saved_data, "dataset")):
+            if given is not None and given != was:
+                raise ConfigError(f"--resume: {run_dir} was trained with {what} {was!r}, not {given!r}; a resumed "
+                                  f"run keeps its algorithm, dataset and seeds (start a new run to change them)")
+        if config is not None or seed is not None:
+            raise ConfigError("--resume continues the run's saved config.yaml; --config/--seed cannot change it")
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else _nest_dict(overrides or {})
+        frozen = sorted(k for k in extra if k in ("algo", "members", "seed"))
+        if frozen:
+            raise ConfigError(f"--resume: config key '{frozen[0]}' cannot change in a resumed run (the checkpoint's "
+                              f"networks, optimizers and coefficients were trained with the saved value); start a "
+                              f"new run instead")
+        algo, data = saved_algo, saved_data
+        cfg = build_config(algo, sc, extra, steps=steps)
+        found = ckpt.list_checkpoints(run_dir)
+        if found:  # else the run crashed before its first checkpoint: start it again from step 0
+            state = ckpt.load(found[-1])
+            if state["algo"] != algo:
+                raise CheckpointError(f"{found[-1]}: checkpoint is for '{state['algo']}', config says '{algo}'")
+            start = int(state["step"])
+        if cfg["run"].steps < start:
+            raise ConfigError(f"--steps {cfg['run'].steps} is below the {start} steps {run_dir} has already trained")
     else:
+        if algo is None or data is None:
+            raise ConfigError("train needs an algorithm (--algo) and a dataset (--data)")
         cfg = build_config(algo, config, overrides, steps=steps, seed=seed)
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out "
@@ -183,6 +216,7 @@ def train(algo: str, data: str, out: str | Path, steps: int | None = None,
     learner = Learner(algorithm, batch, run.batch_size)
     if state is not None:
         learner.load_state_dict(state["learner"], where=str(ckpt.latest(run_dir)))
+        learner.set_learning_rates()
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_config_to_yaml(cfg, data), sort_keys=False))
 
@@ -208,6 +242,10 @@ def train(algo: str, data: str, out: str | Path, steps: int | None = None,
                 metrics["perf/updates_per_s"] = (step - s0) / max(now - t0, 1e-9)
                 logger.log(step, metrics)
                 t0, s0 = time.perf_counter(), step
+            if step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
+                tc = time.perf_counter()
+                ckpt.save(run_dir, step, payload(), keep=run.keep_checkpoints)
+                t0 += time.perf_counter() - tc
             evaluate_now = run.eval_episodes > 0 and (
                 step == run.steps or (run.eval_every and step % run.eval_every == 0))
             if evaluate_now:
@@ -218,10 +256,6 @@ def train(algo: str, data: str, out: str | Path, steps: int | None = None,
                                   **({"eval/normalized_score": last_eval["normalized_score"]}
                                      if last_eval["normalized_score"][0] is not None else {})})
                 t0 += time.perf_counter() - te
-            if step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
-                tc = time.perf_counter()
-                ckpt.save(run_dir, step, payload(), keep=run.keep_checkpoints)
-                t0 += time.perf_counter() - tc
     finally:
         logger.close()
     if start >= run.steps:  # resumed a finished run: nothing trained, evaluate what is there

@@ -35,13 +35,22 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int = 3)
             torch.save({"format_version": FORMAT_VERSION, "step": step, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Rename a finished temporary file into place with the mode a plain open() would have given it
+    (mkstemp creates 0600, which hides run files from the rest of a team on shared storage)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -33,6 +33,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.members = members
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
         self.jsonl_path = run_dir / "metrics.jsonl"
         _truncate_after(self.jsonl_path, start_step)
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
@@ -70,8 +71,11 @@ def _truncate_after(path: Path, step: int) -> None:
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
-    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, path)

@@ -43,7 +43,15 @@ class FlatGroup:
             p.data = self.flat.data[offset: offset + n].view_as(p)
             p.grad = self.flat.grad[offset: offset + n].view_as(p)
             offset += n
+        self.lr = lr
         self.optimizer = _adam([self.flat], lr)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        # the step wrote through `flat`; bump the views' version counters so that autograd still refuses a
+        # graph that saved these weights before the step (as it would with ordinary parameters)
+        for p in self.params:
+            torch.autograd.graph.increment_version(p)
 
 
 class Learner:
@@ -73,7 +81,7 @@ class Learner:
         if self._distributed:
             torch.distributed.all_reduce(g.flat.grad)
             g.flat.grad /= torch.distributed.get_world_size()
-        g.optimizer.step()
+        g.step()
 
     def step(self, step: int) -> None:
         """One update of every group, in the algorithm's order. No host synchronization."""
@@ -102,6 +110,12 @@ class Learner:
         values = torch.stack([self._sums[k].float() / self._counts[k] for k in keys]).cpu().tolist()
         self._sums, self._counts = {}, {}
         return dict(zip(keys, values))
+
+    def set_learning_rates(self) -> None:
+        """Learning rates come from the config, not from a loaded optimizer state."""
+        for g in self.groups.values():
+            for pg in g.optimizer.param_groups:
+                pg["lr"] = g.lr
 
     # ----- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
