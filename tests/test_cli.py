@@ -187,7 +187,7 @@ def test_resume_refuses_to_change_what_the_checkpoint_was_trained_with(ray_clust
     with pytest.raises(ConfigError, match="trained with algorithm 'iql', not 'td3_bc'"):
         rayoffline.train("td3_bc", None, out, steps=30, resume=True)
     assert _snapshot(out) == before
-    # run-level settings may change, and the optimizer keeps the configured learning rate
+    # run-level settings may change
     result = rayoffline.train(None, None, out, steps=30, resume=True, overrides=["log_every=10"])
     assert result["steps"] == 30
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

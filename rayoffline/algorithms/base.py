@@ -8,7 +8,7 @@ coefficients (config fields declared with `member(...)`) become buffers of shape
 learner runs backward on that group's parameters, all-reduces gradients and steps that group's optimizer
 between yields, so a later loss sees the earlier groups' new weights. `loss` is the (K,) vector of the
 members' own losses; the learner backpropagates its sum, so member k's gradient is exactly that of its own
-loss, and logs each member's value. `metrics` maps names to detached (K,) tensors; no `.item()`/`.cpu()`
+loss, and logs each member's value. `metrics` maps names to detached (K,) tensors; no host transfers or prints
 here, so the update stays graph-capturable.
 
 Actions: the algorithms work in a normalized action space [-1, 1] (`prepare` maps dataset actions into it,

@@ -216,7 +216,6 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
     learner = Learner(algorithm, batch, run.batch_size)
     if state is not None:
         learner.load_state_dict(state["learner"], where=str(ckpt.latest(run_dir)))
-        learner.set_learning_rates()
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_config_to_yaml(cfg, data), sort_keys=False))
 

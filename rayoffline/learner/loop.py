@@ -43,7 +43,6 @@ class FlatGroup:
             p.data = self.flat.data[offset: offset + n].view_as(p)
             p.grad = self.flat.grad[offset: offset + n].view_as(p)
             offset += n
-        self.lr = lr
         self.optimizer = _adam([self.flat], lr)
 
     def step(self) -> None:
@@ -110,12 +109,6 @@ class Learner:
         values = torch.stack([self._sums[k].float() / self._counts[k] for k in keys]).cpu().tolist()
         self._sums, self._counts = {}, {}
         return dict(zip(keys, values))
-
-    def set_learning_rates(self) -> None:
-        """Learning rates come from the config, not from a loaded optimizer state."""
-        for g in self.groups.values():
-            for pg in g.optimizer.param_groups:
-                pg["lr"] = g.lr
 
     # ----- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Small shared functions for the algorithms. Shapes: K members, B batch rows."""
 from __future__ import annotations
 
-from typing import Iterable
+import copy
 
 import torch
 
@@ -22,7 +22,6 @@ def hard_update(target: torch.nn.Module, online: torch.nn.Module) -> None:
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A target network: a deep copy that never receives gradients."""
-    import copy
     target = copy.deepcopy(module)
     target.requires_grad_(False)
     return target
@@ -50,6 +49,3 @@ def params(*modules: torch.nn.Module) -> list[torch.nn.Parameter]:
         out.extend(p for p in m.parameters() if p.requires_grad)
     return out
 
-
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
