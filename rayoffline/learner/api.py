@@ -164,6 +164,7 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
     run_dir = Path(out)
     start = 0
     state = None
+    state_path: Path | None = None
     if data is not None and not data.startswith(("builtin:", "minari:")):
         data = str(Path(data).resolve())  # config.yaml must find it again from any working directory
     if resume:
@@ -188,9 +189,10 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         cfg = build_config(algo, sc, extra, steps=steps)
         found = ckpt.list_checkpoints(run_dir)
         if found:  # else the run crashed before its first checkpoint: start it again from step 0
-            state = ckpt.load(found[-1])
+            state_path = found[-1]
+            state = ckpt.load(state_path)
             if state["algo"] != algo:
-                raise CheckpointError(f"{found[-1]}: checkpoint is for '{state['algo']}', config says '{algo}'")
+                raise CheckpointError(f"{state_path}: checkpoint is for '{state['algo']}', config says '{algo}'")
             start = int(state["step"])
         if cfg["run"].steps < start:
             raise ConfigError(f"--steps {cfg['run'].steps} is below the {start} steps {run_dir} has already trained")
@@ -215,7 +217,7 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
     batch = data_mod.load(data_dir, device=device)
     learner = Learner(algorithm, batch, run.batch_size)
     if state is not None:
-        learner.load_state_dict(state["learner"], where=str(ckpt.latest(run_dir)))
+        learner.load_state_dict(state["learner"], where=str(state_path))
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(_config_to_yaml(cfg, data), sort_keys=False))
 
