@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from .metadata import build_metadata, content_hash, moments, pool_moments, read_metadata, write_metadata
+from .metadata import (build_metadata, content_hash, dataset_file_rows, moments, pool_moments, read_metadata,
+                       write_metadata)
 from .schema import COLUMNS
 from .sources import Chunk, SourceData, read_source
 
@@ -472,16 +473,14 @@ def _read_existing_scalars(root: Path, meta: dict) -> dict[str, np.ndarray]:
 
     names = ["rewards", "episode_id", "terminations", "truncations"]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for p in meta["partitions"]:
-        for f in p["files"]:
-            path = root / p["name"] / f
-            try:
-                t = pq.read_table(path, columns=names)
-            except (pa.ArrowException, OSError, ValueError) as e:
-                raise DataError(f"{path}: cannot read this shard of the dataset being appended to "
-                                f"({type(e).__name__}: {e}); the dataset is damaged - convert it again") from e
-            for k in names:
-                parts[k].append(t.column(k).to_numpy())
+    for path, _ in dataset_file_rows(root, meta):  # every listed file there, with the row counts metadata says
+        try:
+            t = pq.read_table(path, columns=names)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read this shard of the dataset being appended to "
+                            f"({type(e).__name__}: {e}); the dataset is damaged - convert it again") from e
+        for k in names:
+            parts[k].append(t.column(k).to_numpy())
     return {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64 if k == "episode_id" else np.float32))
             for k, v in parts.items()}
 

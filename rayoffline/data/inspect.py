@@ -61,7 +61,7 @@ def _scan(root: Path, meta: dict[str, Any]) -> _Stats:
     act_dim = 1 if discrete else int(np.prod(meta["action_space"]["shape"]))
     st = _Stats()
     cols = ["observations", "actions", "rewards", "terminations", "truncations", "episode_id", "step"]
-    for f in dataset_files(root):
+    for f in dataset_files(root, meta):  # checked against metadata.json: a missing shard is an error
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:  # noqa: BLE001

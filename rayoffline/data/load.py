@@ -1,9 +1,11 @@
 """Loading for learners: worker `rank` of `world_size` reads its share of a converted dataset into tensors.
 
-Shares: the dataset's Parquet files (all partitions, in partition then shard order) are dealt out whole,
-round-robin: file i goes to rank i % world_size. With fewer files than workers, the concatenated rows are
-split instead into `world_size` contiguous ranges of near-equal size. Either way the shares are disjoint and
-together hold every transition exactly once.
+Shares: the dataset's Parquet files (all partitions, in partition then shard order, exactly as metadata.json
+lists them) are dealt out whole, round-robin: file i goes to rank i % world_size. With fewer files than
+workers, the concatenated rows are split instead into `world_size` contiguous ranges of near-equal size. Either way the shares are disjoint and
+together hold every transition exactly once. Before any share is planned, every listed file must exist and
+the row counts in their footers must match metadata.json's counts (a missing or truncated shard is an error
+naming it, never a silently smaller dataset).
 
 `load` reads a share into one contiguous tensor per field: only the six Batch columns are read, each
 fixed-size-list column is flattened by Arrow and copied once into a preallocated numpy array (no per-row
@@ -12,7 +14,6 @@ reads the same share as a stream of Batches whose size is bounded by a memory bu
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,36 +24,20 @@ import torch
 
 from ..batch import FIELDS, Batch
 from ..errors import ConfigError, DataError
+from .metadata import dataset_file_rows, read_metadata
 from .schema import METADATA_FILE
 
 _FLOAT_FIELDS = ("observations", "next_observations")
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """metadata.json of a converted dataset directory (the converter's `read_metadata` when available)."""
-    try:
-        from .metadata import read_metadata
-    except ImportError:  # the converter's module not there: read the file ourselves
-        read_metadata = None
-    if read_metadata is not None:
-        return read_metadata(path)
-    f = Path(path) / METADATA_FILE
-    try:
-        with open(f) as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise DataError(f"{f}: no metadata.json; is {path} a converted dataset directory?") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{f}: unreadable metadata ({e})") from e
+    """metadata.json of a converted dataset directory (DataError naming the file if missing or corrupt)."""
+    return read_metadata(path)
 
 
-def dataset_files(path: str | os.PathLike) -> list[Path]:
-    """Parquet files of a converted dataset, in partition then shard order."""
-    root = Path(path)
-    files = sorted(root.glob("part-*/*.parquet"))
-    if not files:
-        raise DataError(f"{root}: no Parquet files under part-*/; is it a converted dataset directory?")
-    return files
+def dataset_files(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Path]:
+    """Parquet files of a converted dataset as metadata.json lists them, in partition then shard order."""
+    return [f for f, _ in dataset_file_rows(path, load_metadata(path) if meta is None else meta)]
 
 
 @dataclass(frozen=True)
@@ -66,19 +51,14 @@ class Segment:
         return self.stop - self.start
 
 
-def shard_plan(path: str | os.PathLike, rank: int = 0, world_size: int = 1) -> list[Segment]:
-    """The segments worker `rank` of `world_size` reads (see the module docstring)."""
-    import pyarrow.parquet as pq
-
+def shard_plan(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
+               meta: dict[str, Any] | None = None) -> list[Segment]:
+    """The segments worker `rank` of `world_size` reads (see the module docstring); the files are checked
+    against metadata.json first (`dataset_file_rows`)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
-    files = dataset_files(path)
-    counts = []
-    for f in files:
-        try:
-            counts.append(pq.read_metadata(f).num_rows)
-        except Exception as e:  # noqa: BLE001 - any Arrow failure here means the file is unreadable
-            raise DataError(f"{f}: unreadable Parquet file ({e})") from e
+    rows = dataset_file_rows(path, load_metadata(path) if meta is None else meta)
+    files, counts = [f for f, _ in rows], [n for _, n in rows]
     if len(files) >= world_size:
         return [Segment(f, 0, n) for f, n in list(zip(files, counts))[rank::world_size] if n > 0]
     total = sum(counts)
@@ -204,8 +184,9 @@ def load(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
     """Worker `rank` of `world_size`: its share of the converted dataset at `path` as one Batch of
     contiguous tensors on `device` (float32; discrete actions int64 of shape (N,))."""
     root = Path(path)
-    layout = _layout(load_metadata(root), root)
-    plan = shard_plan(root, rank, world_size)
+    meta = load_metadata(root)
+    layout = _layout(meta, root)
+    plan = shard_plan(root, rank, world_size, meta)
     total = sum(len(s) for s in plan)
     if total == 0:
         raise DataError(f"{root}: rank {rank} of {world_size} gets no transitions; the dataset is smaller "
@@ -255,8 +236,9 @@ def iter_chunks(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
     import pyarrow.parquet as pq
 
     root = Path(path)
-    layout = _layout(load_metadata(root), root)
-    for seg in shard_plan(root, rank, world_size):
+    meta = load_metadata(root)
+    layout = _layout(meta, root)
+    for seg in shard_plan(root, rank, world_size, meta):
         try:
             pf = pq.ParquetFile(seg.path, buffer_size=_READ_BUFFER, pre_buffer=False)
         except Exception as e:  # noqa: BLE001

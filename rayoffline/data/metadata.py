@@ -1,4 +1,5 @@
-"""metadata.json: reading (with errors that name the file), atomic writing, statistics and content hashes.
+"""metadata.json: reading (with errors that name the file), checking the Parquet files against it, atomic
+writing, statistics and content hashes.
 
 Statistics follow schema.py. Episode returns are undiscounted sums of the rewards of an episode's stored
 transitions; observation mean/std are per dimension over `observations` (not `next_observations`).
@@ -9,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +56,60 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def dataset_file_rows(path: str | os.PathLike, meta: dict[str, Any]) -> list[tuple[Path, int]]:
+    """(file, rows) of every Parquet file metadata.json lists, checked against it: every listed file must exist
+    and the row counts in the files' footers (no data is read) must add up to each partition's and the whole
+    dataset's `num_transitions`. Files on disk that metadata.json does not list are not part of the dataset
+    (e.g. a partition an append is still writing) and are ignored."""
+    import pyarrow.parquet as pq
+
+    root = Path(path)
+    where = root / METADATA_FILE
+    listed = [(p, root / p["name"] / f) for p in meta["partitions"] for f in p["files"]]
+    missing = [f for _, f in listed if not f.is_file()]
+    if missing:
+        names = ", ".join(str(f.relative_to(root)) for f in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        if len(missing) == len(listed):
+            found = sorted(str(f.relative_to(root)) for f in root.glob("part-*/*.parquet"))
+            raise DataError(f"{root}: no Parquet files: all {len(listed)} file(s) {where.name} lists are missing "
+                            f"({names})" + (f"; found unlisted {', '.join(found[:3])}" if found else "")
+                            + "; is it a converted dataset directory? Restore the files or convert the source again")
+        raise DataError(f"{root}: {len(missing)} of {len(listed)} Parquet file(s) listed in {where.name} are "
+                        f"missing: {names}; the dataset is incomplete - restore them or convert the source again")
+    if not listed:
+        raise DataError(f"{where}: lists no Parquet files (no partitions); convert a source into it again")
+    out: list[tuple[Path, int]] = []
+    part_rows: dict[str, int] = {}
+    for part, f in listed:
+        try:
+            n = pq.read_metadata(f).num_rows  # the footer only
+        except Exception as e:  # noqa: BLE001 - any Arrow failure here means the file is unreadable
+            raise DataError(f"{f}: unreadable Parquet file ({e}); restore it or convert the source again") from e
+        out.append((f, n))
+        part_rows[part["name"]] = part_rows.get(part["name"], 0) + n
+    for part in meta["partitions"]:
+        want = part.get("num_transitions")
+        if isinstance(want, int) and part_rows.get(part["name"], 0) != want:
+            raise DataError(f"{root / part['name']}: its {len(part['files'])} Parquet file(s) hold "
+                            f"{part_rows.get(part['name'], 0)} rows but {where.name} says partition {part['name']!r} "
+                            f"has {want} transitions; a file was truncated, replaced or rewritten - restore it or "
+                            f"convert the source again")
+    total, want = sum(n for _, n in out), meta.get("num_transitions")
+    if isinstance(want, int) and total != want:
+        raise DataError(f"{root}: the Parquet files hold {total} rows but {where.name} says num_transitions is "
+                        f"{want}; restore the dataset or convert the source again")
+    return out
+
+
 def write_metadata(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
-    """Write DIR/metadata.json atomically: a temporary file in DIR, flushed, then os.replace."""
+    """Write DIR/metadata.json atomically: a temporary file in DIR, flushed, then os.replace.
+
+    The file is created with mode 0666 minus the umask, like the Parquet shards next to it (tempfile.mkstemp
+    would make it 0600: unreadable to the team that reads the shards)."""
     directory = Path(directory)
     final = directory / METADATA_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".metadata.", suffix=".json.tmp", dir=directory)
+    tmp = directory / f".metadata.{uuid.uuid4().hex[:12]}.json.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(meta, f, indent=1)

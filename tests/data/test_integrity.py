@@ -1,0 +1,85 @@
+"""Integrity and user-facing behaviour of the data layer found by trying it as a new user (issue 6): missing
+shards, file modes, duplicate appends, dropped rows, row numbers in errors, --map syntax, noise, inspect."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayoffline.cli import main
+from rayoffline.data import inspect, iter_chunks, load
+from rayoffline.data.metadata import write_metadata
+from rayoffline.errors import DataError
+
+from .test_load import write_dataset
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 4: files and row counts are checked against metadata.json
+
+@pytest.fixture
+def ds(tmp_path):
+    root = tmp_path / "ds"
+    write_dataset(root, files=4)
+    return root
+
+
+def test_missing_shard_is_named_by_load_iter_chunks_and_inspect(ds, tmp_path, capsys):
+    (ds / "part-00000" / "shard-00002.parquet").unlink()
+    want = r"1 of 4 Parquet file\(s\) listed in metadata.json are missing: part-00000/shard-00002.parquet"
+    with pytest.raises(DataError, match=want):
+        load(ds)
+    with pytest.raises(DataError, match=want):
+        load(ds, rank=1, world_size=2)  # a rank whose own files are all there still refuses
+    with pytest.raises(DataError, match=want):
+        next(iter_chunks(ds))
+    with pytest.raises(DataError, match=want):
+        inspect(ds, png=tmp_path / "i.png")
+    assert main(["data", "inspect", str(ds), "--png", str(tmp_path / "i.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayoffline: error: ") and "shard-00002.parquet" in err and err.count("\n") == 1
+
+
+def test_row_counts_must_match_metadata(ds):
+    f = ds / "part-00000" / "shard-00001.parquet"
+    pq.write_table(pq.read_table(f).slice(0, 10), f)  # a shard replaced by a shorter one
+    with pytest.raises(DataError, match=r"hold \d+ rows but metadata.json says partition 'part-00000' has 300"):
+        load(ds)
+    meta = json.loads((ds / "metadata.json").read_text())
+    meta["partitions"][0].pop("num_transitions")  # no per-partition count: the total still catches it
+    (ds / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"num_transitions is 300"):
+        load(ds)
+
+
+def test_files_metadata_does_not_list_are_not_part_of_the_dataset(ds):
+    """A partition an append is still writing (renamed into place, metadata.json not yet replaced)."""
+    extra = ds / "part-00001"
+    extra.mkdir()
+    pq.write_table(pq.read_table(ds / "part-00000" / "shard-00000.parquet"), extra / "shard-00000.parquet")
+    assert len(load(ds).rewards) == 300
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 14: metadata.json gets the same mode as the shards (0666 minus the umask)
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_metadata_mode_follows_umask_like_parquet(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        write_metadata(tmp_path, {"x": 1})
+        pq.write_table(pa.table({"a": [1]}), tmp_path / "shard.parquet")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "metadata.json") == mode(tmp_path / "shard.parquet") == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", "shard.parquet"]
