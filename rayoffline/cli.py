@@ -7,16 +7,36 @@ import sys
 from .errors import RayOfflineError
 
 
-def _parse_mapping(items: list[str] | None) -> dict[str, str] | None:
+MAP_HELP = ("column mapping for plain Parquet/CSV/HDF5: FIELD=COLUMN pairs, comma-separated or repeated "
+            "(--map observations=obs,actions=act --map rewards=r). A list column or numbered columns obs_0, obs_1, "
+            ".. via observations=obs_*; an explicit column list by continuing after a comma without '=': "
+            "observations=x,y,z,actions=a stacks x, y, z into the observation vector")
+
+
+def _parse_mapping(items: list[str] | None) -> dict[str, str | list[str]] | None:
+    """`--map` values -> {field: column or [columns]}. Comma-separated FIELD=COLUMN pairs; a fragment without
+    '=' continues the previous field's column list (observations=x,y,z -> ["x", "y", "z"])."""
     if not items:
         return None
-    out: dict[str, str] = {}
+    out: dict[str, str | list[str]] = {}
     for item in items:
-        for pair in item.split(","):
-            if "=" not in pair:
-                raise RayOfflineError(f"--map {pair!r}: expected FIELD=COLUMN, e.g. observations=obs")
-            k, v = pair.split("=", 1)
-            out[k.strip()] = v.strip()
+        field = None
+        for frag in item.split(","):
+            frag = frag.strip()
+            if "=" in frag:
+                field, col = (x.strip() for x in frag.split("=", 1))
+                if field in out:
+                    raise RayOfflineError(f"--map {item!r}: field {field!r} is mapped twice; give it once (a "
+                                          f"column list as {field}=c1,c2,c3)")
+                out[field] = col
+            elif field is None:
+                raise RayOfflineError(f"--map {item!r}: expected FIELD=COLUMN before {frag!r}, e.g. "
+                                      f"observations=obs or observations=x,y,z")
+            elif not frag:
+                raise RayOfflineError(f"--map {item!r}: empty column name after {field}=")
+            else:  # continues `field`'s column list
+                prev = out[field]
+                out[field] = (prev if isinstance(prev, list) else [prev]) + [frag]
     return out
 
 
@@ -31,14 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or Parquet/CSV with --map")
     c.add_argument("--out", required=True, help="output directory (must not exist)")
     c.add_argument("--shards", type=int, default=None, help="number of Parquet files (default: 8)")
-    c.add_argument("--map", action="append", metavar="FIELD=COLUMN",
-                   help="column mapping for plain Parquet/CSV, e.g. observations=obs,actions=act "
-                        "(list columns or prefixes obs_0,obs_1.. via observations=obs_*)")
+    c.add_argument("--map", action="append", metavar="FIELD=COLUMN", help=MAP_HELP)
     c.add_argument("--env-id", default=None, help="gymnasium id to record for evaluation")
     a = data.add_parser("append", help="add a new partition to a converted dataset")
     a.add_argument("source")
     a.add_argument("--to", required=True, help="existing converted dataset directory")
-    a.add_argument("--map", action="append", metavar="FIELD=COLUMN")
+    a.add_argument("--map", action="append", metavar="FIELD=COLUMN", help=MAP_HELP)
     i = data.add_parser("inspect", help="data-quality report and PNG")
     i.add_argument("dir", help="converted dataset directory or builtin:NAME")
     i.add_argument("--png", default=None, help="where to write the PNG (default: DIR/inspect.png)")

@@ -83,3 +83,61 @@ def test_metadata_mode_follows_umask_like_parquet(tmp_path, umask):
         os.umask(old)
     assert mode(tmp_path / "metadata.json") == mode(tmp_path / "shard.parquet") == 0o666 & ~umask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", "shard.parquet"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 8: --map takes an explicit column list
+
+def test_parse_mapping_column_lists():
+    from rayoffline.cli import _parse_mapping
+    from rayoffline.errors import RayOfflineError
+
+    assert _parse_mapping(["observations=x*,actions=a", "rewards=r"]) == {
+        "observations": "x*", "actions": "a", "rewards": "r"}  # the old syntax is unchanged
+    assert _parse_mapping(["observations=obs_0,obs_1,obs_2"]) == {"observations": ["obs_0", "obs_1", "obs_2"]}
+    assert _parse_mapping(["observations=o2, o0 ,actions=a0,a1,rewards=r"]) == {
+        "observations": ["o2", "o0"], "actions": ["a0", "a1"], "rewards": "r"}
+    with pytest.raises(RayOfflineError, match="expected FIELD=COLUMN before 'obs_1'"):
+        _parse_mapping(["obs_1,observations=x"])
+    with pytest.raises(RayOfflineError, match="field 'rewards' is mapped twice"):
+        _parse_mapping(["rewards=r", "rewards=s"])
+
+
+def csv_source(path: Path, n: int = 20, nan_line: int | None = None, text: str = "nan") -> Path:
+    """A CSV with obs_0..obs_2, act, rew, done, ep: 2 episodes of n // 2 rows, the first terminated."""
+    rng = np.random.default_rng(0)
+    lines = ["obs_0,obs_1,obs_2,act,rew,done,ep"]
+    for i in range(n):
+        o = rng.standard_normal(3)
+        lines.append(f"{o[0]:.5f},{o[1]:.5f},{o[2]:.5f},{rng.uniform(-1, 1):.5f},{rng.standard_normal():.5f},"
+                     f"{int(i == n // 2 - 1)},{i // (n // 2)}")
+    if nan_line is not None:  # file line numbers: the header is line 1
+        cells = lines[nan_line - 1].split(",")
+        cells[1] = text
+        lines[nan_line - 1] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_map_explicit_column_list_converts_in_given_order(tmp_path):
+    src = csv_source(tmp_path / "log.csv")
+    out = tmp_path / "out"
+    assert main(["data", "convert", str(src), "--out", str(out), "--shards", "1",
+                 "--map", "observations=obs_2,obs_0,obs_1,actions=act,rewards=rew,terminations=done,episode_id=ep"]) == 0
+    import pyarrow.csv as pcsv
+    t = pcsv.read_csv(src)
+    obs = np.stack([t.column(c).to_numpy() for c in ("obs_2", "obs_0", "obs_1")], 1).astype(np.float32)
+    got = load(out).observations.numpy()
+    np.testing.assert_array_equal(got[:10], obs[:10])  # the terminated episode keeps every row
+
+
+def test_map_column_list_errors(tmp_path, capsys):
+    src = csv_source(tmp_path / "log.csv")
+    base = "actions=act,rewards=rew,terminations=done"
+    assert main(["data", "convert", str(src), "--out", str(tmp_path / "o"), "--map", f"observations=obs_0,obs_9,{base}"]) == 2
+    err = capsys.readouterr().err
+    assert "column(s) 'obs_9' (mapped to observations) not found" in err and str(src) in err
+    assert main(["data", "convert", str(src), "--out", str(tmp_path / "o"),
+                 "--map", f"observations=obs_*,actions=act,rewards=rew,act,terminations=done"]) == 2
+    assert "rewards takes one column" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

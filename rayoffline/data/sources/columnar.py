@@ -3,8 +3,10 @@
 Column mapping: FIELD=COLUMN for FIELD in observations, actions, rewards, next_observations, terminations,
 truncations, episode_id, step. COLUMN is a list column (fixed-size or variable lists whose rows all have one
 length, Ray tensor columns), a scalar column, or `PREFIX_*` for numbered scalar columns PREFIX_0, PREFIX_1, ...
-stacked into a vector. A field left out of the mapping uses the column of its own name when there is one,
-then RLlib's name for it (obs, new_obs, terminateds, truncateds, eps_id, t): RLlib output needs no mapping.
+stacked into a vector, or an explicit list of scalar columns ["x", "y", "z"] stacked in that order (CLI:
+`--map observations=x,y,z`; observations, next_observations and actions only). A field left out of the mapping
+uses the column of its own name when there is one, then RLlib's name for it (obs, new_obs, terminateds,
+truncateds, eps_id, t): RLlib output needs no mapping.
 
 Required: observations, actions, rewards, terminations. Optional:
   next_observations  absent -> taken from the next row of the same episode (see convert.py for the ends)
@@ -35,6 +37,8 @@ RLLIB_COLUMNS = {"observations": "obs", "actions": "actions", "rewards": "reward
                  "terminations": "terminateds", "truncations": "truncateds", "episode_id": "eps_id", "step": "t"}
 REQUIRED = ("observations", "actions", "rewards", "terminations")
 SUFFIXES = (".parquet", ".pq", ".csv")
+VECTOR_FIELDS = ("observations", "next_observations", "actions")
+"""Fields that may be mapped to a list of scalar columns (stacked into one vector per row)."""
 
 
 def list_files(path: Path) -> list[Path]:
@@ -48,13 +52,24 @@ def list_files(path: Path) -> list[Path]:
     return files
 
 
-def check_mapping(mapping: dict[str, str] | None) -> dict[str, str]:
+def check_mapping(mapping: dict[str, Any] | None) -> dict[str, Any]:
+    """FIELD -> COLUMN (a name or PREFIX_*) or a list of column names (stacked into a vector, in that order)."""
     mapping = dict(mapping or {})
     for k, v in mapping.items():
         if k not in FIELDS:
             raise DataError(f"column mapping {k}={v}: unknown field {k!r}; fields are {', '.join(FIELDS)}")
-        if not v:
-            raise DataError(f"column mapping {k}=: empty column name")
+        if isinstance(v, (list, tuple)):
+            if not v or not all(isinstance(c, str) and c for c in v):
+                raise DataError(f"column mapping {k}={v!r}: a column list needs one or more non-empty names")
+            if len(set(v)) != len(v):
+                dup = next(c for c in v if list(v).count(c) > 1)
+                raise DataError(f"column mapping {k}={','.join(v)}: column {dup!r} is listed twice")
+            if k not in VECTOR_FIELDS:
+                raise DataError(f"column mapping {k}={','.join(v)}: {k} takes one column, got {len(v)}; only "
+                                f"{', '.join(VECTOR_FIELDS)} take a list of columns")
+            mapping[k] = list(v)
+        elif not isinstance(v, str) or not v:
+            raise DataError(f"column mapping {k}={v!r}: empty column name")
     return mapping
 
 
@@ -87,7 +102,13 @@ def resolve_mapping(file: str, names: list[str], mapping: dict[str, str]) -> tup
                 out[f] = RLLIB_COLUMNS[f]
                 rllib = True
             continue
-        if spec.endswith("*"):
+        if isinstance(spec, list):  # explicit column list, stacked in the given order
+            absent = [c for c in spec if c not in present]
+            if absent:
+                raise DataError(f"{file}: column(s) {', '.join(map(repr, absent))} (mapped to {f}) not found; "
+                                f"columns present: {', '.join(names)}")
+            out[f] = list(spec)
+        elif spec.endswith("*"):
             prefix = spec[:-1]
             pat = re.compile(re.escape(prefix) + r"(\d+)$")
             idx = sorted((int(m.group(1)), n) for n in names if (m := pat.match(n)))
@@ -190,7 +211,7 @@ def arrow_to_numpy(col, file: str, column: str, allow_packed: bool = False) -> n
 
 
 def _field_array(table, file: str, spec, field: str) -> np.ndarray:
-    if isinstance(spec, list):  # numbered scalar columns
+    if isinstance(spec, list):  # numbered (PREFIX_*) or listed scalar columns
         cols = [arrow_to_numpy(table.column(c), file, c) for c in spec]
         for c, a in zip(spec, cols):
             if a.ndim != 1:

@@ -43,6 +43,9 @@ def read_hdf5(path: Path, mapping: dict[str, str] | None = None) -> SourceData:
         if k not in D4RL_KEYS:
             raise DataError(f"{path}: field {k!r} cannot be mapped for an HDF5 file (episodes follow terminals/"
                             f"timeouts); mappable: {', '.join(D4RL_KEYS)}")
+        if isinstance(mapping[k], list):
+            raise DataError(f"{path}: column mapping {k}={','.join(mapping[k])}: an HDF5 field maps to one key "
+                            f"(an (N, dim) array), not a list of keys")
     keys = {f: mapping.get(f, k) for f, k in D4RL_KEYS.items()}
     file = str(path)
     try:
