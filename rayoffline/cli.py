@@ -40,8 +40,18 @@ def _parse_mapping(items: list[str] | None) -> dict[str, str | list[str]] | None
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line error format (subcommand parsers inherit it)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"rayoffline: error: {self.prog.removeprefix('rayoffline ')}: {message} "
+                     f"(see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rayoffline", description="Offline RL at cluster scale on Ray")
+    from . import __version__
+    p = _Parser(prog="rayoffline", description="Offline RL at cluster scale on Ray")
+    p.add_argument("--version", action="version", version=f"rayoffline {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="convert, append to and inspect datasets").add_subparsers(
@@ -64,21 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train an offline RL algorithm")
     t.add_argument("--algo", default=None, help="algorithm name (see `rayoffline algos`); not needed with --resume")
     t.add_argument("--data", default=None, help="converted dataset directory or builtin:NAME; not needed with --resume")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--steps", type=int, default=None,
+                   help="gradient updates per member (default: the config's steps, else 100000)")
+    t.add_argument("--out", required=True, help="run directory (new or empty; with --resume, the run to continue)")
     t.add_argument("--config", default=None, help="YAML file with run and algo.* keys")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. algo.cql_alpha=5")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint")
+    t.add_argument("--seed", type=int, default=None,
+                   help="run seed: every member's seed unless members: sets its own (default: the config's, else 0)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although the dataset changed since the run started (recorded "
+                        "in config.yaml); without it such a resume is refused")
 
     e = sub.add_parser("eval", help="re-evaluate a run's latest checkpoint")
     e.add_argument("run_dir")
-    e.add_argument("--episodes", type=int, default=10)
+    e.add_argument("--episodes", type=int, default=10, help="episodes per member (default: 10)")
 
     sub.add_parser("algos", help="list algorithms and their config fields")
     d = sub.add_parser("demo", help="the main job on an embedded dataset (IQL on builtin:pendulum-medium)")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None, help="IQL updates (default: 10000)")
     return p
 
 

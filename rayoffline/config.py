@@ -4,7 +4,11 @@
   source, so the CLI help and `rayoffline algos` come from the same text the code is read with.
 - `from_dict(cls, d, where)` builds a config from YAML / `--set` values, checking keys and types and naming
   the offending key.
-- `parse_overrides(["a.b=3", ...])` turns `--set` strings into a nested dict (values parsed as YAML).
+- `parse_overrides(["a.b=3", ...])` turns `--set` strings into a nested dict whose values keep their raw
+  text (`CliValue`) until `from_dict` parses each against its field's type: `--set progress=off` stays the
+  string 'off' for a string field instead of becoming YAML's boolean.
+- `load_yaml(text)` reads config files with YAML 1.2 scalars: only true/false are booleans (`progress: off`
+  is the string 'off', as written) and `1e-3` is a float.
 - Fields marked `member(...)` may differ between the K members trained in one pass; every other field
   must be equal across members (it decides shapes or the optimizer).
 """
@@ -14,6 +18,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
@@ -22,6 +27,50 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema booleans and floats. PyYAML implements YAML 1.1,
+    where on/off/yes/no are booleans and 1e-3 (no dot) is a string: both surprise users of config files."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text with YAML 1.2 booleans and floats (see _Yaml12Loader)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class CliValue(str):
+    """The raw text of a `--set key=value` value. `from_dict` parses it against the type of the field it
+    lands in (a string field takes the text as it is); `plain` parses it as YAML where no field type exists."""
+
+
+def plain(value: Any) -> Any:
+    """Replace every CliValue inside `value` (dicts and lists too) with its YAML parse."""
+    if isinstance(value, CliValue):
+        text = str(value)
+        try:
+            return load_yaml(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot parse value {text!r} ({e})") from None
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
 
 
 def member(default: Any) -> Any:
@@ -55,8 +104,21 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, CliValue):  # raw `--set` text: a string field takes it as written
+        if tp is str:
+            return str(value)
+        raw = value
+        try:
+            value = plain(value)
+        except ConfigError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
+        if origin in (typing.Union, types.UnionType) and str in typing.get_args(tp):
+            try:
+                return _check_type(value, typing.Union[tuple(a for a in typing.get_args(tp) if a is not str)], key)
+            except ConfigError:
+                return str(raw)
     if tp is Any:
-        return value
+        return plain(value)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -101,6 +163,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r} (quote it in YAML, e.g. 'off')")
         raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -140,17 +204,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """["algo.cql_alpha=5", "steps=1000"] -> {"algo": {"cql_alpha": 5}, "steps": 1000}."""
+    """["algo.cql_alpha=5", "steps=1000"] -> {"algo": {"cql_alpha": CliValue("5")}, "steps": CliValue("1000")}.
+
+    Values stay raw text until `from_dict` parses them against their field's type."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. algo.cql_alpha=5")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({e})") from None
-        merge(out, _nest(key.strip(), value))
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: empty config key")
+        merge(out, _nest(key, CliValue(raw.strip())))
     return out
 
 

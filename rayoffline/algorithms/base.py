@@ -38,7 +38,7 @@ class AlgoConfig:
     """Fields shared by every algorithm config."""
 
     hidden: tuple[int, ...] = (256, 256)
-    """Hidden layer widths of every MLP (actor, critics, value)."""
+    """Hidden layer widths of the algorithm's MLPs (`rayoffline algos` names them per algorithm)."""
     discount: float = member(0.99)
     """Discount factor gamma."""
     normalize_obs: bool = True
@@ -52,6 +52,8 @@ class AlgoConfig:
 
 class Algorithm(nn.Module):
     name: ClassVar[str]
+    networks: ClassVar[str] = "networks"
+    """The MLPs that `hidden` shapes, in words (for `rayoffline algos`)."""
     Config: ClassVar[type] = AlgoConfig
     action_types: ClassVar[tuple[str, ...]] = ("continuous",)
     """Which action spaces the algorithm supports: 'continuous', 'discrete' or both."""

@@ -41,6 +41,7 @@ class BCConfig(AlgoConfig):
 
 class BC(Algorithm):
     name = "bc"
+    networks = "policy network"
     Config = BCConfig
     action_types = ("continuous", "discrete")
 

@@ -98,6 +98,7 @@ class Perturbation(nn.Module):
 
 class BCQ(Algorithm):
     name = "bcq"
+    networks = "perturbation actor and twin critics (the VAE has vae_hidden)"
     Config = BCQConfig
     action_types = ("continuous",)
 

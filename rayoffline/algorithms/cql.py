@@ -121,6 +121,7 @@ class CQLConfig(AlgoConfig):
 
 class CQL(Algorithm):
     name = "cql"
+    networks = "actor and twin critics"
     Config = CQLConfig
 
     def build(self, gens: list[torch.Generator]) -> None:

@@ -64,6 +64,7 @@ class DiscreteBCQConfig(AlgoConfig):
 
 class DiscreteBCQ(Algorithm):
     name = "discrete_bcq"
+    networks = "Q-network and its imitation head"
     Config = DiscreteBCQConfig
     action_types = ("discrete",)
 

@@ -52,6 +52,7 @@ class DiscreteCQLConfig(AlgoConfig):
 
 class DiscreteCQL(Algorithm):
     name = "discrete_cql"
+    networks = "Q-network"
     Config = DiscreteCQLConfig
     action_types = ("discrete",)
 

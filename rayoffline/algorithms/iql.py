@@ -70,6 +70,7 @@ class IQLConfig(AlgoConfig):
 
 class IQL(Algorithm):
     name = "iql"
+    networks = "actor, twin critics and value network"
     Config = IQLConfig
 
     def build(self, gens: list[torch.Generator]) -> None:

@@ -71,6 +71,7 @@ class TD3BCConfig(AlgoConfig):
 
 class TD3BC(Algorithm):
     name = "td3_bc"
+    networks = "actor and twin critics"
     Config = TD3BCConfig
 
     def build(self, gens: list[torch.Generator]) -> None:

@@ -1,9 +1,11 @@
-"""Run output: TensorBoard events, metrics.jsonl and a terminal progress bar (quiet when not a terminal)."""
+"""Run output: TensorBoard events, metrics.jsonl, and on stderr a progress bar on a terminal or one line
+per log interval otherwise (progress: auto), a bar always (on), or nothing (off)."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +15,29 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.members = members
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.steps_done = 0  # updates finished by this process (0: nothing trained yet)
+        self._t0 = time.perf_counter()
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
         self.jsonl_path = run_dir / "metrics.jsonl"
         _truncate_after(self.jsonl_path, start_step)
         self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-        show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+        tty = sys.stderr.isatty()
+        show = progress == "on" or (progress == "auto" and tty)
+        self.lines = progress == "auto" and not tty  # no terminal (a log file, a job): a line per log interval
         self.bar = None
         if show:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="upd", dynamic_ncols=True, file=sys.stderr)
+            try:  # a pseudo-terminal without a size (`script`, CI runners) reports 0x0: tqdm then hides its bar
+                sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
+            except (OSError, ValueError):
+                sized = False
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="upd", file=sys.stderr,
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
 
     def advance(self, n: int = 1) -> None:
+        self.steps_done += n
         if self.bar is not None:
             self.bar.update(n)
 
@@ -51,6 +65,28 @@ class RunLogger:
             if ups is not None:
                 post["upd/s"] = f"{ups:.0f}"
             self.bar.set_postfix(post, refresh=False)
+        elif self.lines and "perf/updates_per_s" in row:
+            print(self._line(row), file=sys.stderr, flush=True)
+
+    def _line(self, row: dict[str, Any]) -> str:
+        """'step 2000/10000 (20%)  loss/critic 0.53 ...  120 updates/s  eta 1m07s' (member means for K > 1)."""
+        step = row["step"]
+        parts = [f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%)"]
+        for name, v in row.items():
+            if name.startswith("loss/"):
+                v = sum(v) / len(v) if isinstance(v, list) else v
+                parts.append(f"{name} {v:.4g}")
+        ups = row["perf/updates_per_s"]
+        if self.members > 1:
+            parts.append(f"{ups:.3g} passes/s ({ups * self.members:.3g} member-updates/s, K={self.members}; "
+                         f"losses are member means)")
+        else:
+            parts.append(f"{ups:.3g} updates/s")
+        done = self.steps_done
+        if done and step < self.total_steps:
+            eta = (time.perf_counter() - self._t0) / done * (self.total_steps - step)
+            parts.append(f"eta {_duration(eta)}")
+        return "  ".join(parts)
 
     def _scalar(self, name: str, value: Any, step: int) -> None:
         if value is not None:
@@ -62,6 +98,15 @@ class RunLogger:
         self.writer.flush()
         self.writer.close()
         self.jsonl.close()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 def _truncate_after(path: Path, step: int) -> None:
