@@ -141,3 +141,71 @@ def test_map_column_list_errors(tmp_path, capsys):
                  "--map", f"observations=obs_*,actions=act,rewards=rew,act,terminations=done"]) == 2
     assert "rewards takes one column" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 7: dropped rows are reported; CSV errors name file lines, Parquet errors 0-based rows; NaN is not null
+
+CSV_MAP = "observations=obs_*,actions=act,rewards=rew,terminations=done,episode_id=ep"
+
+
+def test_rows_dropped_without_next_observations_are_reported(tmp_path, capsys):
+    from rayoffline.data import convert, read_metadata
+    from rayoffline.errors import DataWarning
+
+    src = csv_source(tmp_path / "log.csv", n=20)  # episode 0 terminates, episode 1 ends without a flag
+    mapping = dict(kv.split("=") for kv in CSV_MAP.split(","))
+    with pytest.warns(DataWarning, match=r"dropped 1 of 20 rows: without a next-observation column") as rec:
+        meta = convert(str(src), tmp_path / "a", shards=1, mapping=mapping)
+    assert len(rec) == 1 and meta["num_transitions"] == 19
+    assert read_metadata(tmp_path / "a")["partitions"][0]["notes"] == [str(rec[0].message)]
+
+    capsys.readouterr()
+    assert main(["data", "convert", str(src), "--out", str(tmp_path / "b"), "--shards", "1", "--map", CSV_MAP]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"wrote 19 transitions in 2 episodes to {tmp_path / 'b'}\n"
+    assert err.startswith("rayoffline: warning: ") and err.count("\n") == 1
+    assert "dropped 1 of 20 rows" in err and "(0 truncated, 1 without either flag)" in err
+    assert "Map next_observations=COLUMN" in err
+
+    # with next observations nothing is dropped and nothing is said
+    import pyarrow.csv as pcsv
+    t = pcsv.read_csv(src)
+    full = tmp_path / "full.parquet"
+    pq.write_table(t.append_column("nx", t.column("obs_0")).append_column("ny", t.column("obs_1"))
+                   .append_column("nz", t.column("obs_2")), full)
+    assert main(["data", "convert", str(full), "--out", str(tmp_path / "c"), "--shards", "1", "--map",
+                 CSV_MAP + ",next_observations=nx,ny,nz"]) == 0
+    out, err = capsys.readouterr()
+    assert "wrote 20 transitions" in out and err == ""
+    assert read_metadata(tmp_path / "c")["partitions"][0]["notes"] == []
+
+
+@pytest.mark.parametrize("text,what", [("nan", "holds NaN (not a number) at line 39"),
+                                       ("-nan", "holds NaN (not a number) at line 39"),
+                                       ("inf", "holds +inf at line 39"),
+                                       ("", "is empty (null: an empty field or NA/NULL/#N/A) at line 39"),
+                                       ("NA", "is empty (null: an empty field or NA/NULL/#N/A) at line 39")])
+def test_csv_errors_name_the_file_line(tmp_path, capsys, text, what):
+    src = csv_source(tmp_path / "log.csv", n=50, nan_line=39, text=text)
+    assert main(["data", "convert", str(src), "--out", str(tmp_path / "o"), "--map", CSV_MAP]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: column 'obs_*' {what}" in err or f"{src}: column 'obs_1' {what}" in err, err
+    assert "row" not in err.split(what)[0].split(str(src))[1]  # says line, not row
+    assert not (tmp_path / "o").exists()
+
+
+def test_csv_line_numbers_count_blank_lines_and_quoted_newlines(tmp_path, capsys):
+    src = tmp_path / "log.csv"
+    src.write_text('o,p,a,r,d,note\n0.1,0.2,0.5,1,0,"two\nlines"\n\n0.2,0.3,0.5,nan,1,x\n')  # row 1: line 5
+    assert main(["data", "convert", str(src), "--out", str(tmp_path / "o"),
+                 "--map", "observations=o,p,actions=a,rewards=r,terminations=d"]) == 2
+    assert "column 'r' holds NaN (not a number) at line 5" in capsys.readouterr().err
+
+
+def test_parquet_errors_say_rows_are_0_based(tmp_path, capsys):
+    import pyarrow.csv as pcsv
+    t = pcsv.read_csv(csv_source(tmp_path / "log.csv", n=50, nan_line=39))
+    pq.write_table(t, tmp_path / "log.parquet")
+    assert main(["data", "convert", str(tmp_path / "log.parquet"), "--out", str(tmp_path / "o"), "--map", CSV_MAP]) == 2
+    assert "column 'obs_*' holds NaN (not a number) at row 37 (0-based)" in capsys.readouterr().err
