@@ -111,31 +111,46 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
+        import warnings
+
         from . import data
-        if args.data_command == "convert":
-            meta = data.convert(args.source, args.out, shards=args.shards, mapping=_parse_mapping(args.map),
-                                env_id=args.env_id)
-            print(f"wrote {meta['num_transitions']} transitions in {meta['num_episodes']} episodes to {args.out}")
-        elif args.data_command == "append":
-            meta = data.append(args.source, args.to, mapping=_parse_mapping(args.map))
-            print(f"{args.to} now holds {meta['num_transitions']} transitions in {meta['num_episodes']} episodes")
-        else:
-            report = data.inspect(args.dir, png=args.png)
-            print(report["text"])
-            print(f"plot: {report['png']}")
+        from .errors import DataWarning
+
+        with warnings.catch_warnings():  # the package's DataWarnings as one line each (what was dropped and why)
+            warnings.simplefilter("always", DataWarning)
+            show = warnings.showwarning
+
+            def one_line(message, category, filename, lineno, file=None, line=None):
+                if issubclass(category, DataWarning):
+                    print(f"rayoffline: warning: {message}", file=sys.stderr)
+                else:
+                    show(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = one_line
+            if args.data_command == "convert":
+                meta = data.convert(args.source, args.out, shards=args.shards, mapping=_parse_mapping(args.map),
+                                    env_id=args.env_id)
+                print(f"wrote {meta['num_transitions']} transitions in {meta['num_episodes']} episodes to {args.out}")
+            elif args.data_command == "append":
+                meta = data.append(args.source, args.to, mapping=_parse_mapping(args.map))
+                print(f"{args.to} now holds {meta['num_transitions']} transitions in {meta['num_episodes']} episodes")
+            else:
+                report = data.inspect(args.dir, png=args.png)
+                print(report["text"])
+                print(f"plot: {report['png']}")
         return 0
     if args.command == "train":
-        from .learner.api import train_from_cli
+        from .learner.commands import train_from_cli
         return train_from_cli(args)
     if args.command == "eval":
-        from .learner.api import eval_from_cli
+        from .learner.commands import eval_from_cli
         return eval_from_cli(args)
     if args.command == "algos":
-        from .learner.api import describe_algorithms
+        from .learner.commands import describe_algorithms
         print(describe_algorithms())
         return 0
     if args.command == "demo":
-        from .learner.api import demo
+        from .learner.commands import demo
         return demo(args.out, steps=args.steps)
     raise AssertionError(args.command)
 

@@ -53,7 +53,7 @@ def test_eval_reevaluates_latest_checkpoint(iql_run, capsys):
     assert main(["eval", str(iql_run), "--episodes", "3"]) == 0
     out = json.loads((iql_run / "eval.json").read_text())
     assert out["step"] == 200 and out["episodes"] == 3 and len(out["eval_return_mean"]) == 1
-    assert "member 0 @ step 200" in capsys.readouterr().out
+    assert "step 200: return " in capsys.readouterr().out
 
 
 def test_resume_continues_from_saved_step_and_matches_straight_run(ray_cluster, tmp_path):
@@ -132,7 +132,7 @@ def test_process_exit_status_is_nonzero():
 
 
 def test_overrides_parse_numbers_and_nested_keys():
-    from rayoffline.learner.api import build_config
+    from rayoffline.learner.config import build_config
     cfg = build_config("iql", {"algo": {"beta": "1e-1"}}, ["algo.actor_lr=1e-3", "steps=5", "algo.hidden=[8, 8]"])
     assert cfg["members"][0].actor_lr == 1e-3 and cfg["members"][0].beta == 0.1
     assert cfg["run"].steps == 5 and cfg["members"][0].hidden == (8, 8)
@@ -216,12 +216,12 @@ def test_run_that_crashed_before_its_first_checkpoint_can_be_resumed(ray_cluster
 
 
 def test_final_checkpoint_is_written_before_the_final_evaluation(ray_cluster, tmp_path, monkeypatch):
-    from rayoffline.learner import api
+    from rayoffline.learner import api, worker
     out = tmp_path / "run"
 
     def broken(*a, **k):
         raise RuntimeError("env crashed")
-    monkeypatch.setattr(api, "_evaluate", broken)
+    monkeypatch.setattr(worker, "evaluate_members", broken)
     with pytest.raises(RuntimeError, match="env crashed"):
         api.train("iql", "builtin:pendulum-medium", out, steps=12, config={
             "batch_size": 32, "eval_episodes": 2, "checkpoint_every": 0, "algo": {"hidden": [16, 16]}})

@@ -6,7 +6,6 @@ import json
 import os
 import pty
 import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -108,13 +107,13 @@ def test_default_threads_inside_a_ray_task_is_its_cpu_allotment(ray_cluster):
 # ----- 3. --set values are parsed against the field's type ------------------------------------------------
 @pytest.mark.parametrize("value", ["off", "on", "auto"])
 def test_set_progress_accepts_the_documented_values(value):
-    from rayoffline.learner.api import build_config
+    from rayoffline.learner.config import build_config
     assert build_config("iql", None, [f"progress={value}"])["run"].progress == value
 
 
 def test_set_values_follow_field_types_and_yaml_files_use_yaml_1_2(tmp_path):
     from rayoffline.errors import ConfigError
-    from rayoffline.learner.api import build_config
+    from rayoffline.learner.config import build_config
     cfg = build_config("iql", None, ["device=cpu", "steps=1e3", "algo.hidden=[8,8]", "algo.beta=1e-1",
                                      "algo.normalize_obs=false"])
     assert cfg["run"].device == "cpu" and cfg["run"].steps == 1000 and cfg["members"][0].hidden == (8, 8)

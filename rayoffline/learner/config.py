@@ -1,9 +1,31 @@
-"""RunConfig: the learner's settings (everything that is not the algorithm's math)."""
+"""RunConfig (the learner's settings: everything that is not the algorithm's math) and how a run's config
+is assembled.
+
+A run's configuration is one mapping:
+
+    steps: 20000            # RunConfig fields
+    batch_size: 256
+    algo:                   # the algorithm's Config fields
+      expectile: 0.7
+    members:                # optional: K > 1 members trained in one pass, each a dict of
+      - {cql_alpha: 1.0}    # per-member overrides of `algo` fields, plus an optional `seed`
+      - {cql_alpha: 5.0, seed: 1}
+
+It comes from defaults < the YAML file < `--set key=value` < explicit arguments (steps, seed).
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from ..config import require
+import yaml
+
+from .. import algorithms
+from ..config import from_dict, load_yaml, merge, parse_overrides, plain, require, to_dict
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -45,3 +67,89 @@ class RunConfig:
         require(self.progress in ("auto", "on", "off"), "progress", f"'auto', 'on' or 'off', got {self.progress!r}")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = load_yaml(f.read())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return d
+
+
+def build_config(algo: str, config: dict[str, Any] | str | Path | None = None,
+                 overrides: list[str] | dict[str, Any] | None = None, steps: int | None = None,
+                 seed: int | None = None) -> dict[str, Any]:
+    """Merge the config sources and validate them. Returns {'algo_name', 'run', 'members', 'seeds'}."""
+    raw: dict[str, Any] = {}
+    if isinstance(config, (str, Path)):
+        raw = load_config_file(config)
+    elif config:
+        raw = json.loads(json.dumps(config))  # deep copy of plain data
+    if overrides:
+        merge(raw, parse_overrides(overrides) if isinstance(overrides, list) else nest_dotted(overrides))
+    if steps is not None:
+        raw["steps"] = steps
+    if seed is not None:
+        raw["seed"] = seed
+    cls = algorithms.get(algo)
+    algo_raw = plain(raw.pop("algo", None)) or {}
+    if not isinstance(algo_raw, dict):
+        raise ConfigError("config key 'algo': expected a mapping of algorithm fields")
+    members_raw = plain(raw.pop("members", None))
+    unknown = sorted(set(raw) - RUN_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}'; run keys: {', '.join(sorted(RUN_KEYS))}; "
+                          f"algorithm keys go under 'algo.' (see `rayoffline algos`)")
+    run = from_dict(RunConfig, raw)
+    if members_raw is None:
+        members_raw = [{}]
+    if not isinstance(members_raw, list) or not members_raw or not all(isinstance(m, dict) for m in members_raw):
+        raise ConfigError("config key 'members': expected a non-empty list of mappings of per-member overrides")
+    configs, seeds = [], []
+    for i, m in enumerate(members_raw):
+        m = dict(m)
+        s = m.pop("seed", run.seed)
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise ConfigError(f"config key 'members[{i}].seed': expected an integer, got {s!r}")
+        try:
+            configs.append(from_dict(cls.Config, {**algo_raw, **m}, prefix="algo."))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (member {i})" if len(members_raw) > 1 else str(e)) from None
+        seeds.append(s)
+    return {"algo_name": algo, "run": run, "members": configs, "seeds": seeds}
+
+
+def nest_dotted(d: dict[str, Any]) -> dict[str, Any]:
+    """{"algo.lr": 0.1, "steps": 5} -> {"algo": {"lr": 0.1}, "steps": 5}."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        for part in reversed(str(key).split(".")[1:]):
+            value = {part: value}
+        merge(out, {str(key).split(".")[0]: value})
+    return out
+
+
+def config_to_yaml(cfg: dict[str, Any], data: str, data_hash: str | None = None,
+                    data_changes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"algo_name": cfg["algo_name"], "data": data, **to_dict(cfg["run"])}
+    if data_hash is not None:
+        out["data_hash"] = data_hash  # what --resume checks the dataset against
+    if data_changes:
+        out["data_changes"] = data_changes  # resumes that continued on changed data (--allow-data-change)
+    out["algo"] = to_dict(cfg["members"][0])
+    if len(cfg["members"]) > 1 or cfg["seeds"][0] != cfg["run"].seed:
+        base = out["algo"]
+        out["members"] = [{**{k: v for k, v in to_dict(c).items() if base.get(k) != v}, "seed": s}
+                          for c, s in zip(cfg["members"], cfg["seeds"])]
+    return out

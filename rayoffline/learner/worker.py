@@ -1,0 +1,220 @@
+"""The one worker function: build the algorithm, load its data, loop, report, checkpoint.
+
+`run_training(spec)` is what every way of training calls: the in-process run of `rayoffline train` and
+`rayoffline.train()` today, a Ray Train worker and a Ray Tune trial next. Its input is a `RunSpec`, plain
+picklable data assembled by `rayoffline.learner.api.train` (config merging, resume checks); it validates
+everything it can before it writes anything into the run directory, and a fresh run that fails before its
+first update leaves the directory as it found it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .. import algorithms
+from ..config import to_dict
+from ..errors import ConfigError
+from ..spec import EnvSpec
+from . import checkpoint as ckpt
+from .config import RunConfig, config_to_yaml
+from .logger import RunLogger
+from .loop import Learner
+from .threads import set_threads
+
+
+@dataclass
+class RunSpec:
+    """Everything a worker needs to train one run (K members), as plain data."""
+
+    cfg: dict[str, Any]
+    """build_config's result: algo_name, run (RunConfig), members (algorithm configs), seeds."""
+    data: str
+    """Dataset: a converted dataset directory (absolute) or builtin:NAME."""
+    run_dir: str
+    resume: bool = False
+    checkpoint: str | None = None
+    """Checkpoint to continue from (resume), or None to start at step 0."""
+    data_changes: list[dict[str, Any]] = field(default_factory=list)
+    """Recorded resumes on changed data (config.yaml's data_changes); the last one may be this resume's."""
+    data_changed_now: bool = False
+
+
+def open_dataset(data: str) -> tuple[Path, dict[str, Any]]:
+    from .. import data as data_mod
+    path = data_mod.resolve(data)
+    return Path(path), data_mod.read_metadata(path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"config key 'device': {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def _build_algorithm(cfg: dict[str, Any], meta: dict[str, Any], device: torch.device):
+    cls = algorithms.get(cfg["algo_name"])
+    spec = EnvSpec.from_metadata(meta)
+    return cls(spec, cfg["members"], cfg["seeds"], device=device, obs_mean=meta.get("obs_mean"),
+               obs_std=meta.get("obs_std"))
+
+
+def run_training(spec: RunSpec) -> dict[str, Any]:
+    """Train spec's run to its configured steps; returns the result (also RUN_DIR/result.json)."""
+    cfg, run_dir = spec.cfg, Path(spec.run_dir)
+    run: RunConfig = cfg["run"]
+    device = _device(run.device)
+    threads = set_threads(run.threads, device)
+    data_dir, meta = open_dataset(spec.data)
+    algorithm = _build_algorithm(cfg, meta, device)  # validates the action space before anything is written
+    if run.eval_episodes:  # fail now, not after training, when the environment cannot be recovered
+        from ..evaluation.rollout import make_env
+        make_env(meta.get("env_id"), meta.get("env_spec"))
+
+    from .. import data as data_mod
+    batch = data_mod.load(data_dir, device=device)
+    learner = Learner(algorithm, batch, run.batch_size)
+    start = 0
+    if spec.checkpoint is not None:
+        state = ckpt.load(spec.checkpoint)
+        learner.load_state_dict(state["learner"], where=spec.checkpoint)
+        start = int(state["step"])
+    say = _printer(run.progress)
+    if spec.resume:
+        last = spec.data_changes[-1] if spec.data_changed_now else None
+        say(f"resuming {run_dir} at step {start} of {run.steps}"
+            + (f" from {Path(spec.checkpoint).name}" if spec.checkpoint else " (no checkpoint yet: from the start)")
+            + (f"; dataset changed (content hash {last['from_hash'][:12]} -> {last['to_hash'][:12]}), recorded in "
+               f"config.yaml" if last is not None else ""))
+    say(f"{cfg['algo_name']}: {algorithm.K} member{'s' if algorithm.K > 1 else ''}, {run.steps} steps of batch "
+        f"{run.batch_size} on {meta.get('num_transitions')} transitions, {device.type}"
+        + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "") + f" -> {run_dir}")
+
+    created = not run_dir.exists()
+    fresh = not spec.resume
+    finished_steps = 0
+    logger = None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+            config_to_yaml(cfg, spec.data, meta.get("content_hash"), spec.data_changes), sort_keys=False))
+        logger = RunLogger(run_dir, algorithm.K, run.steps, start, run.progress)
+        result = _drive(run_dir, cfg, run, spec.data, meta, algorithm, learner, logger, start)
+        finished_steps = run.steps - start
+    except BaseException:
+        if logger is not None:
+            finished_steps = logger.steps_done
+            logger.close()
+            logger = None
+        if fresh and finished_steps == 0:  # nothing trained: leave nothing that blocks running it again
+            _remove_new_run(run_dir, created)
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+    return result
+
+
+def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: dict[str, Any], algorithm,
+           learner: Learner, logger: RunLogger, start: int) -> dict[str, Any]:
+    def payload() -> dict[str, Any]:
+        return {"algo": cfg["algo_name"], "learner": learner.state_dict(),
+                "member_configs": [to_dict(c) for c in cfg["members"]], "seeds": list(cfg["seeds"]),
+                "run_config": to_dict(run), "data": data, "metadata": meta}
+
+    k = algorithm.K
+    last_eval: dict[str, Any] | None = None
+    t_start = time.perf_counter()
+    train_time, train_steps = 0.0, 0
+    t0, s0 = time.perf_counter(), start
+    for step in range(start + 1, run.steps + 1):
+        learner.step(step)
+        logger.advance()
+        if step % run.log_every == 0 or step == run.steps:
+            metrics = learner.pop_metrics()  # the one host sync of the interval
+            now = time.perf_counter()
+            train_time += now - t0
+            train_steps += step - s0
+            rate = (step - s0) / max(now - t0, 1e-9)
+            metrics["perf/updates_per_s"] = rate
+            metrics["perf/member_updates_per_s"] = rate * k
+            logger.log(step, metrics)
+            t0, s0 = time.perf_counter(), step
+        if step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
+            tc = time.perf_counter()
+            ckpt.save(run_dir, step, payload(), keep=run.keep_checkpoints)
+            t0 += time.perf_counter() - tc
+        evaluate_now = run.eval_episodes > 0 and (
+            step == run.steps or (run.eval_every and step % run.eval_every == 0))
+        if evaluate_now:
+            te = time.perf_counter()
+            last_eval = evaluate_members(algorithm, meta, run.eval_episodes, run.seed)
+            logger.log(step, {"eval/return_mean": last_eval["return_mean"],
+                              "eval/return_std": last_eval["return_std"],
+                              **({"eval/normalized_score": last_eval["normalized_score"]}
+                                 if last_eval["normalized_score"][0] is not None else {})})
+            t0 += time.perf_counter() - te
+    if start >= run.steps:  # resumed a finished run: nothing trained, evaluate what is there
+        last_eval = evaluate_members(algorithm, meta, run.eval_episodes, run.seed) if run.eval_episodes else None
+    result = _result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
+                     time.perf_counter() - t_start)
+    ckpt.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _remove_new_run(run_dir: Path, created: bool) -> None:
+    """Undo what a fresh run wrote before its first update (its directory was new or empty)."""
+    import shutil
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in run_dir.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _printer(progress: str):
+    """Status lines on stderr unless progress is 'off' (a terminal shows the progress bar besides)."""
+    def say(msg: str) -> None:
+        if progress != "off":
+            print(msg, file=sys.stderr, flush=True)
+    return say
+
+
+def evaluate_members(algorithm, meta: dict[str, Any], episodes: int, seed: int) -> dict[str, Any]:
+    from ..evaluation.rollout import evaluate
+    return evaluate(algorithm, meta, episodes, seed=seed)
+
+
+def _result(cfg: dict[str, Any], meta: dict[str, Any], ev: dict[str, Any] | None, run: RunConfig,
+            updates_per_s: float | None, wall_s: float) -> dict[str, Any]:
+    k = len(cfg["members"])
+    members = []
+    for i in range(k):
+        members.append({
+            "seed": cfg["seeds"][i], "algo": to_dict(cfg["members"][i]),
+            "eval_return_mean": ev["return_mean"][i] if ev else None,
+            "eval_return_std": ev["return_std"][i] if ev else None,
+            "normalized_score": ev["normalized_score"][i] if ev else None,
+        })
+    best = max(range(k), key=lambda i: members[i]["eval_return_mean"]) if ev else 0
+    behavior = (meta.get("return_stats") or {}).get("mean")
+    return {
+        "algo": cfg["algo_name"], "steps": run.steps, "members": members, "best_member": best,
+        "eval_return_mean": members[best]["eval_return_mean"], "eval_return_std": members[best]["eval_return_std"],
+        "normalized_score": members[best]["normalized_score"], "eval_episodes": run.eval_episodes if ev else 0,
+        "behavior_return_mean": behavior, "members_per_pass": k, "updates_per_s": updates_per_s,
+        "member_updates_per_s": updates_per_s * k if updates_per_s is not None else None, "wall_s": wall_s,
+        "dataset": meta.get("source"),
+    }
