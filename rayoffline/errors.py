@@ -18,3 +18,8 @@ class ConfigError(RayOfflineError):
 
 class CheckpointError(RayOfflineError):
     """A checkpoint is missing, corrupted or does not fit the run it is loaded into."""
+
+
+class DataWarning(UserWarning):
+    """A conversion succeeded but changed or dropped something the user should know about (e.g. rows without a
+    next observation). Also recorded in the partition's `notes` in metadata.json; the CLI prints it."""

@@ -26,6 +26,8 @@ Episode ends (the contract every learner relies on):
   data), a non-terminal last row (timeout or end of data) is dropped, and the row before it becomes the
   episode's last transition with truncations=1 (its next observation, the dropped row's observation, is real).
   This is D4RL's `qlearning_dataset` behaviour for timeouts, without its bogus cross-episode successors.
+  How many rows were dropped is said in a `DataWarning` (the CLI prints it) and kept in the partition's
+  `notes` in metadata.json.
 
 Spaces: Minari datasets (and converted directories) carry theirs. Otherwise, with `env_id` (or an env id in
 the HDF5 attributes) whose env gymnasium can make, the env's spaces are used; else they are inferred:
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, DataWarning
 from .metadata import (build_metadata, content_hash, dataset_file_rows, moments, pool_moments, read_metadata,
                        write_metadata)
 from .schema import COLUMNS
@@ -86,14 +88,14 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
                         f"--out or delete it first (to add data to a converted dataset use `rayoffline data append`)")
     data = read_source(source, mapping)
     obs_space, act_space, env_id_out, env_spec = _check_spaces(data, env_id=env_id)
-    cols, num_episodes = _assemble(data)
+    cols, num_episodes, notes = _assemble(data)
 
     created = _missing_ancestor(out_path.parent)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         tmp.mkdir()
-        part = _write_partition(cols, tmp / "part-00000", shards, data.source_id, num_episodes)
+        part = _write_partition(cols, tmp / "part-00000", shards, data.source_id, num_episodes, notes=notes)
         obs_mean, obs_std = moments(cols["observations"])
         meta = build_metadata(
             source=data.source_id, env_id=env_id_out, env_spec=env_spec, observation_space=obs_space,
@@ -110,6 +112,7 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
+    _warn(notes)
     return meta
 
 
@@ -154,7 +157,7 @@ def _append_locked(source: str, root: Path, mapping: dict[str, str] | None, shar
         shards = len(meta["partitions"][0]["files"]) if meta["partitions"] else DEFAULT_SHARDS
     shards = _check_shards(shards)
     _check_spaces(data, existing=meta)
-    cols, num_episodes = _assemble(data)
+    cols, num_episodes, notes = _assemble(data)
     first_id = int(old["episode_id"].max()) + 1 if len(old["episode_id"]) else 0
     cols["episode_id"] = cols["episode_id"] + first_id
 
@@ -164,7 +167,7 @@ def _append_locked(source: str, root: Path, mapping: dict[str, str] | None, shar
     moved = False
     try:
         tmp.mkdir()
-        part = _write_partition(cols, tmp, shards, data.source_id, num_episodes, name=name)
+        part = _write_partition(cols, tmp, shards, data.source_id, num_episodes, name=name, notes=notes)
         new_mean, new_std = moments(cols["observations"])
         obs_mean, obs_std = pool_moments([(int(meta["num_transitions"]), meta["obs_mean"], meta["obs_std"]),
                                           (len(cols["rewards"]), new_mean, new_std)])
@@ -189,7 +192,15 @@ def _append_locked(source: str, root: Path, mapping: dict[str, str] | None, shar
         if moved:
             shutil.rmtree(final, ignore_errors=True)
         raise
+    _warn(notes)
     return new_meta
+
+
+def _warn(notes: list[str]) -> None:
+    """What the user should know about a finished conversion (also in the partition's `notes` in metadata.json);
+    the CLI prints these as `rayoffline: warning: ...` lines."""
+    for note in notes:
+        warnings.warn(note, DataWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,7 +237,7 @@ def _env_spaces(env_id: str) -> tuple[Any, Any, str | None] | None:
         return spaces[0], spaces[1], spec_json
     except Exception as e:
         warnings.warn(f"env id {env_id!r}: gymnasium cannot make this env ({type(e).__name__}: {e}); "
-                      f"its id is recorded but the spaces are inferred from the data", stacklevel=3)
+                      f"its id is recorded but the spaces are inferred from the data", DataWarning, stacklevel=3)
         return None
 
 
@@ -358,8 +369,9 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int]:
-    """Whole columns in schema order: rows grouped by episode (first-appearance order), ordered by step."""
+def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int, list[str]]:
+    """Whole columns in schema order: rows grouped by episode (first-appearance order), ordered by step; the
+    number of episodes; notes on what the user should know (rows dropped at episode ends, see the module doc)."""
     chunks = [c for c in data.chunks if len(c)]
     derive = chunks[0].next_observations is None
     obs = _cat([c.observations for c in chunks])
@@ -404,6 +416,7 @@ def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int]:
                         + "; a flag may only be set on an episode's last transition (check the episode id and "
                           "step columns)")
 
+    notes: list[str] = []
     if derive:
         nxt = np.empty_like(obs)
         nxt[:-1] = obs[1:]
@@ -414,6 +427,16 @@ def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int]:
         prev = dropped - 1
         ok = prev >= 0
         ok[ok] = eid[prev[ok]] == eid[dropped[ok]]
+        if dropped.size:
+            n_trunc = int(trunc[dropped].sum())
+            lost = int((~ok).sum())
+            notes.append(
+                f"{data.source_id}: dropped {dropped.size} of {n} rows: without a next-observation column a row's "
+                f"next observation is the next row's, so the last row of each episode that does not end in a "
+                f"termination ({n_trunc} truncated, {dropped.size - n_trunc} without either flag) has "
+                f"none; the row before it now ends the episode as truncated"
+                + (f" ({lost} single-row episodes vanished)" if lost else "")
+                + ". Map next_observations=COLUMN to keep every row")
         trunc[prev[ok]] = True
         if dropped.size:
             keep = ~drop
@@ -439,7 +462,7 @@ def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int]:
             "terminations": np.ascontiguousarray(term), "truncations": np.ascontiguousarray(trunc),
             "episode_id": episode_id, "step": step}
     assert tuple(cols) == COLUMNS
-    return cols, len(starts)
+    return cols, len(starts), notes
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,7 +557,7 @@ def _episode_range(md) -> tuple[int, int] | None:
 
 
 def _write_partition(cols: dict[str, np.ndarray], part_dir: Path, shards: int, source_id: str, num_episodes: int,
-                     name: str | None = None) -> dict[str, Any]:
+                     name: str | None = None, notes: list[str] | None = None) -> dict[str, Any]:
     """Write the columns as `shards` Parquet files in `part_dir` (created) through Ray Data."""
     import pyarrow.parquet as pq
     import ray
@@ -575,4 +598,4 @@ def _write_partition(cols: dict[str, np.ndarray], part_dir: Path, shards: int, s
         os.rename(src, dst)
         files.append(dst.name)
     return {"name": name or part_dir.name, "source": source_id, "files": files, "num_transitions": int(n),
-            "num_episodes": int(num_episodes), "content_hash": content_hash(cols)}
+            "num_episodes": int(num_episodes), "content_hash": content_hash(cols), "notes": list(notes or [])}

@@ -26,7 +26,9 @@ metadata.json keys:
   episode_length_stats {"mean", "min", "max"},
   obs_mean [...], obs_std [...], reward_mean, reward_std,
   ref_min_score, ref_max_score (null when the source has none),
-  partitions [{"name", "source", "files", "num_transitions", "num_episodes", "content_hash"}].
+  partitions [{"name", "source", "files", "num_transitions", "num_episodes", "content_hash",
+               "notes" (what the conversion dropped or changed, e.g. rows without a next observation; [] if
+               nothing)}].
 """
 from __future__ import annotations
 

@@ -250,7 +250,8 @@ def test_negative_discrete_action(capsys, tmp_path):
     path.write_text("o_0,o_1,act,rew,done\n" + "".join(
         f"0.{i},1.{i},{-1 if i == 4 else i % 2},1.0,{int(i == 5)}\n" for i in range(6)))
     err = convert_error(capsys, tmp_path, path, "--map", "observations=o_*,actions=act,rewards=rew,terminations=done")
-    assert str(path) in err and "column 'act'" in err and "row 4" in err and "negative discrete action -1" in err
+    # CSV: the file line (header = line 1), so data row 4 is line 6
+    assert str(path) in err and "column 'act'" in err and "at line 6" in err and "negative discrete action -1" in err
 
 
 def test_flag_in_the_middle_of_an_episode(capsys, tmp_path):
@@ -260,7 +261,8 @@ def test_flag_in_the_middle_of_an_episode(capsys, tmp_path):
     cols["terminations"][2] = True
     path = write_parquet(tmp_path / "log.parquet", cols)
     err = convert_error(capsys, tmp_path, path)
-    assert str(path) in err and "row 2 ends its episode (column 'terminations' is set)" in err and "row 3" in err
+    assert str(path) in err and "row 2 (0-based) ends its episode (column 'terminations' is set)" in err
+    assert "row 3 (0-based)" in err
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_csv_errors_name_the_file_line(tmp_path, capsys, text, what):
     src = csv_source(tmp_path / "log.csv", n=50, nan_line=39, text=text)
     assert main(["data", "convert", str(src), "--out", str(tmp_path / "o"), "--map", CSV_MAP]) == 2
     err = capsys.readouterr().err
-    assert f"{src}: column 'obs_*' {what}" in err or f"{src}: column 'obs_1' {what}" in err, err
+    assert f"{src}: column 'obs_1' {what}" in err, err
     assert "row" not in err.split(what)[0].split(str(src))[1]  # says line, not row
     assert not (tmp_path / "o").exists()
 
@@ -205,7 +205,9 @@ def test_csv_line_numbers_count_blank_lines_and_quoted_newlines(tmp_path, capsys
 
 def test_parquet_errors_say_rows_are_0_based(tmp_path, capsys):
     import pyarrow.csv as pcsv
-    t = pcsv.read_csv(csv_source(tmp_path / "log.csv", n=50, nan_line=39))
+    t = pcsv.read_csv(csv_source(tmp_path / "log.csv", n=50, nan_line=39))  # Arrow reads nan as null
+    i = t.schema.get_field_index("obs_1")
+    t = t.set_column(i, "obs_1", pa.array(t.column(i).to_numpy(zero_copy_only=False)))  # a float NaN, not null
     pq.write_table(t, tmp_path / "log.parquet")
     assert main(["data", "convert", str(tmp_path / "log.parquet"), "--out", str(tmp_path / "o"), "--map", CSV_MAP]) == 2
-    assert "column 'obs_*' holds NaN (not a number) at row 37 (0-based)" in capsys.readouterr().err
+    assert "column 'obs_1' holds NaN (not a number) at row 37 (0-based)" in capsys.readouterr().err

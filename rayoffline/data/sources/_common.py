@@ -3,7 +3,8 @@
 A reader turns one input file (or one Minari dataset) into a `Chunk`: whole numpy columns in the file's
 own row order, already checked for dtype, shape, nulls and non-finite values, each error naming the file,
 the column and the row. The converter then checks the chunks against each other and against the action
-space, and assembles episodes (`rayoffline.data.convert`). Rows in messages count from 0.
+space, and assembles episodes (`rayoffline.data.convert`). Messages say how they count: "row 37 (0-based)" for
+Parquet and HDF5, "line 39" of the file for CSV (the header is line 1), "episode 3, step 5" for Minari.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ FIELDS = ("observations", "actions", "rewards", "next_observations", "terminatio
 
 
 def describe_row(row: int) -> str:
-    return f"row {row}"
+    return f"row {row} (0-based)"
 
 
 @dataclass
@@ -100,10 +101,11 @@ def check_finite(arr: np.ndarray, file: str, column: str, describe: Callable[[in
         r = first_true(bad)
         n_bad = int(bad.sum())
         value = arr[r].tolist()
+        first = arr[r].reshape(-1)[~np.isfinite(arr[r].reshape(-1))][0]
+        kind = "NaN (not a number)" if np.isnan(first) else f"{'-' if first < 0 else '+'}inf"
         src = int(row_offset[r]) if row_offset is not None else r
-        raise DataError(f"{file}: column {column!r} holds a non-finite value at {describe(src)} "
-                        f"(value {value}; {n_bad} row(s) affected in this file); drop or repair those rows "
-                        f"before converting")
+        raise DataError(f"{file}: column {column!r} holds {kind} at {describe(src)} (value {value}; {n_bad} row(s) "
+                        f"with NaN or inf in this file); drop or repair those rows before converting")
 
 
 def as_flags(arr: np.ndarray, file: str, column: str, describe: Callable[[int], str] = describe_row) -> np.ndarray:

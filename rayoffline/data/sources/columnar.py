@@ -25,19 +25,23 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ...errors import DataError
 from ._common import (FIELDS, Chunk, SourceData, as_actions, as_flags, as_next_observations, as_observations, as_rewards,
-                      check_lengths, episode_keys_from_flags)
+                      check_finite, check_lengths, describe_row, episode_keys_from_flags)
 
 RLLIB_COLUMNS = {"observations": "obs", "actions": "actions", "rewards": "rewards", "next_observations": "new_obs",
                  "terminations": "terminateds", "truncations": "truncateds", "episode_id": "eps_id", "step": "t"}
 REQUIRED = ("observations", "actions", "rewards", "terminations")
 SUFFIXES = (".parquet", ".pq", ".csv")
 VECTOR_FIELDS = ("observations", "next_observations", "actions")
+CSV_NAN = ("nan", "NaN", "-nan", "-NaN")
+"""CSV text that Arrow would read as null by default but we read as the float NaN: an error then says "NaN" for
+a literal nan and "empty" only for a missing value (an empty field, NA, NULL, #N/A, ...: Arrow's other nulls)."""
+CSV_NULL = "null: an empty field or NA/NULL/#N/A"
 """Fields that may be mapped to a list of scalar columns (stacked into one vector per row)."""
 
 
@@ -80,7 +84,8 @@ def _read_table(path: Path):
 
     try:
         if path.suffix.lower() == ".csv":
-            return pcsv.read_csv(path)
+            nulls = [v for v in pcsv.ConvertOptions().null_values if v not in CSV_NAN]
+            return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(null_values=nulls))
         return pq.read_table(path)
     except (pa.ArrowException, OSError, ValueError) as e:
         kind = "CSV" if path.suffix.lower() == ".csv" else "Parquet"
@@ -134,7 +139,7 @@ def resolve_mapping(file: str, names: list[str], mapping: dict[str, str]) -> tup
     return out, rllib
 
 
-def _unpack_rllib(arr, file: str, column: str) -> np.ndarray:
+def _unpack_rllib(arr, file: str, column: str, describe: Callable[[int], str] = describe_row) -> np.ndarray:
     """RLlib's compressed column: one base64(lz4(pickle(ndarray))) string per row."""
     import base64
     import pickle
@@ -150,18 +155,21 @@ def _unpack_rllib(arr, file: str, column: str) -> np.ndarray:
             rows.append(np.asarray(pickle.loads(lz4.frame.decompress(base64.b64decode(v))), dtype=np.float64))
         except Exception as e:
             raise DataError(f"{file}: column {column!r} holds text/bytes that are not RLlib-compressed arrays "
-                            f"(row {r}: {type(e).__name__}); it must hold numbers or lists of numbers") from e
+                            f"({describe(r)}: {type(e).__name__}); it must hold numbers or lists of numbers") from e
     shapes = {x.shape for x in rows}
     if len(shapes) > 1:
         first = rows[0].shape
         r = next(i for i, x in enumerate(rows) if x.shape != first)
-        raise DataError(f"{file}: column {column!r} has shape {rows[r].shape} at row {r} but {first} at row 0; "
+        raise DataError(f"{file}: column {column!r} has shape {rows[r].shape} at {describe(r)} but {first} at "
+                        f"{describe(0)}; "
                         f"all rows need the same shape")
     return np.stack(rows) if rows else np.zeros((0, 0))
 
 
-def arrow_to_numpy(col, file: str, column: str, allow_packed: bool = False) -> np.ndarray:
-    """A Parquet/CSV column as numpy: (n,) for scalars, (n, k) for list/tensor columns of one length k."""
+def arrow_to_numpy(col, file: str, column: str, allow_packed: bool = False,
+                   describe: Callable[[int], str] = describe_row, null: str = "null") -> np.ndarray:
+    """A Parquet/CSV column as numpy: (n,) for scalars, (n, k) for list/tensor columns of one length k.
+    `describe` names a row in messages; `null` says what a null is in this format (CSV: an empty field, NA...)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -176,7 +184,8 @@ def arrow_to_numpy(col, file: str, column: str, allow_packed: bool = False) -> n
         arr = arr.storage
     if arr.null_count:
         r = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{file}: column {column!r} is empty (null) at row {r}; every transition needs a value")
+        raise DataError(f"{file}: column {column!r} is empty ({null}) at {describe(r)}; every transition needs a "
+                        f"value")
     t = arr.type
     if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
         n = len(arr)
@@ -188,8 +197,8 @@ def arrow_to_numpy(col, file: str, column: str, allow_packed: bool = False) -> n
             bad = lengths != width
             if bad.any():
                 r = int(np.argmax(bad))
-                raise DataError(f"{file}: column {column!r} has {int(lengths[r])} values at row {r} but {width} "
-                                f"at row 0 (wrong shape); every row needs the same length")
+                raise DataError(f"{file}: column {column!r} has {int(lengths[r])} values at {describe(r)} but "
+                                f"{width} at {describe(0)} (wrong shape); every row needs the same length")
         values = arr.flatten()
         vt = values.type
         if pa.types.is_fixed_size_list(vt) or pa.types.is_list(vt) or pa.types.is_large_list(vt):
@@ -197,27 +206,65 @@ def arrow_to_numpy(col, file: str, column: str, allow_packed: bool = False) -> n
                             f"are not supported yet; flatten them to vectors first")
         if values.null_count:
             r = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // max(width, 1)
-            raise DataError(f"{file}: column {column!r} has a null entry at row {r}")
+            raise DataError(f"{file}: column {column!r} has an empty ({null}) entry at {describe(r)}")
         if not (pa.types.is_integer(vt) or pa.types.is_floating(vt) or pa.types.is_boolean(vt)):
             raise DataError(f"{file}: column {column!r} holds lists of {vt} but must hold numbers")
         return values.to_numpy(zero_copy_only=False).reshape(n, width)
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
         if allow_packed:
-            return _unpack_rllib(arr, file, column)
+            return _unpack_rllib(arr, file, column, describe)
         raise DataError(f"{file}: column {column!r} has dtype {t} but must hold numbers or lists of numbers")
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
         return arr.to_numpy(zero_copy_only=False)
     raise DataError(f"{file}: column {column!r} has dtype {t} but must hold numbers or lists of numbers")
 
 
-def _field_array(table, file: str, spec, field: str) -> np.ndarray:
+def _field_array(table, file: str, spec, field: str, describe: Callable[[int], str] = describe_row,
+                 null: str = "null") -> np.ndarray:
     if isinstance(spec, list):  # numbered (PREFIX_*) or listed scalar columns
-        cols = [arrow_to_numpy(table.column(c), file, c) for c in spec]
+        cols = [arrow_to_numpy(table.column(c), file, c, describe=describe, null=null) for c in spec]
         for c, a in zip(spec, cols):
             if a.ndim != 1:
                 raise DataError(f"{file}: column {c!r} (part of {field}) must hold one number per row")
+            check_finite(a, file, c, describe)  # names the column itself, not the group
         return np.stack(cols, axis=1)
-    return arrow_to_numpy(table.column(spec), file, spec, allow_packed=field in ("observations", "next_observations"))
+    return arrow_to_numpy(table.column(spec), file, spec, allow_packed=field in ("observations", "next_observations"),
+                          describe=describe, null=null)
+
+
+def csv_line_describer(path: Path) -> Callable[[int], str]:
+    """Data row (0-based, as Arrow reads it) -> "line N" of the CSV file, the header being line 1.
+
+    Called on the error path only: Python's csv module then counts physical lines up to that row, so quoted
+    fields that span lines and blank lines (which Arrow skips) are counted as a text editor shows them."""
+    starts: list[int] = []
+    state: dict[str, Any] = {}
+
+    def lines() -> Iterator[int]:
+        import csv
+
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f)
+            prev, header = 0, True
+            for rec in reader:
+                start, prev = prev + 1, reader.line_num
+                if not rec:  # a blank line: Arrow skips it too
+                    continue
+                if header:
+                    header = False
+                    continue
+                yield start
+
+    def describe(row: int) -> str:
+        it = state.setdefault("it", lines())
+        while len(starts) <= row:
+            nxt = next(it, None)
+            if nxt is None:
+                return f"data row {row} (0-based, after the header)"
+            starts.append(nxt)
+        return f"line {starts[row]}"
+
+    return describe
 
 
 def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
@@ -235,16 +282,21 @@ def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
         table = _read_table(fpath)
         spec, rllib = resolve_mapping(file, table.column_names, mapping)
         any_rllib |= rllib
-        names = {f: (s if isinstance(s, str) else f"{s[0]}..{s[-1]}") for f, s in spec.items()}
-        arrays = {f: _field_array(table, file, s, f) for f, s in spec.items() if f != "episode_id"}
+        # how messages name a column (a PREFIX_* mapping as given, a column list joined) and a row
+        names = {f: (s if isinstance(s, str) else mapping[f] if isinstance(mapping.get(f), str) else ",".join(s))
+                 for f, s in spec.items()}
+        csv = fpath.suffix.lower() == ".csv"
+        describe = csv_line_describer(fpath) if csv else describe_row
+        null = CSV_NULL if csv else "null"
+        arrays = {f: _field_array(table, file, s, f, describe, null) for f, s in spec.items() if f != "episode_id"}
         check_lengths(file, {names[f]: len(a) for f, a in arrays.items()})
-        obs = as_observations(arrays["observations"], file, names["observations"])
+        obs = as_observations(arrays["observations"], file, names["observations"], describe)
         nxt = None
         if "next_observations" in arrays:
             nxt = as_next_observations(arrays["next_observations"], file, names["next_observations"], obs,
-                                       names["observations"])
-        term = as_flags(arrays["terminations"], file, names["terminations"])
-        trunc = (as_flags(arrays["truncations"], file, names["truncations"]) if "truncations" in arrays
+                                       names["observations"], describe)
+        term = as_flags(arrays["terminations"], file, names["terminations"], describe)
+        trunc = (as_flags(arrays["truncations"], file, names["truncations"], describe) if "truncations" in arrays
                  else np.zeros(len(term), dtype=bool))
         order = None
         if "step" in arrays:
@@ -257,7 +309,8 @@ def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
             ids = table.column(spec["episode_id"]).combine_chunks()
             if ids.null_count:
                 r = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
-                raise DataError(f"{file}: column {names['episode_id']!r} (episode id) is empty (null) at row {r}")
+                raise DataError(f"{file}: column {names['episode_id']!r} (episode id) is empty ({null}) at "
+                                f"{describe(r)}")
             if not (pa.types.is_integer(ids.type) or pa.types.is_string(ids.type)
                     or pa.types.is_large_string(ids.type) or pa.types.is_binary(ids.type)):
                 raise DataError(f"{file}: column {names['episode_id']!r} (episode id) has dtype {ids.type}; "
@@ -270,10 +323,10 @@ def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
             key_offset = int(key[-1]) + 1 if len(key) else key_offset
         chunks.append(Chunk(
             file=file, columns=names, observations=obs,
-            actions=as_actions(arrays["actions"], file, names["actions"]),
-            rewards=as_rewards(arrays["rewards"], file, names["rewards"]),
+            actions=as_actions(arrays["actions"], file, names["actions"], describe),
+            rewards=as_rewards(arrays["rewards"], file, names["rewards"], describe),
             terminations=term, truncations=trunc, next_observations=nxt, order=order,
-            episode_key=key if key is not None else np.zeros(0, np.int64)))
+            episode_key=key if key is not None else np.zeros(0, np.int64), describe=describe))
     have_ids = [r is not None for r in raw_ids]
     if any(have_ids) and not all(have_ids):
         a = files[have_ids.index(True)]
