@@ -13,6 +13,10 @@ MAP_HELP = ("column mapping for plain Parquet/CSV/HDF5: FIELD=COLUMN pairs, comm
             "observations=x,y,z,actions=a stacks x, y, z into the observation vector")
 
 
+SHARDS_HELP = ("number of Parquet files (default: one per 16 MiB of transitions, 1 to 8: a small source gets one "
+               "file, a large one 8, i.e. 4 per worker for 2 workers)")
+
+
 def _parse_mapping(items: list[str] | None) -> dict[str, str | list[str]] | None:
     """`--map` values -> {field: column or [columns]}. Comma-separated FIELD=COLUMN pairs; a fragment without
     '=' continues the previous field's column list (observations=x,y,z -> ["x", "y", "z"])."""
@@ -60,13 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", help="minari:ID | builtin:NAME | path to a Minari dataset, .hdf5, RLlib Parquet, "
                                   "or Parquet/CSV with --map")
     c.add_argument("--out", required=True, help="output directory (must not exist)")
-    c.add_argument("--shards", type=int, default=None, help="number of Parquet files (default: 8)")
+    c.add_argument("--shards", type=int, default=None, help=SHARDS_HELP)
     c.add_argument("--map", action="append", metavar="FIELD=COLUMN", help=MAP_HELP)
     c.add_argument("--env-id", default=None, help="gymnasium id to record for evaluation")
     a = data.add_parser("append", help="add a new partition to a converted dataset")
     a.add_argument("source")
     a.add_argument("--to", required=True, help="existing converted dataset directory")
+    a.add_argument("--shards", type=int, default=None, help=SHARDS_HELP)
     a.add_argument("--map", action="append", metavar="FIELD=COLUMN", help=MAP_HELP)
+    a.add_argument("--allow-duplicate", action="store_true",
+                   help="append although the dataset already holds a partition with the same content hash (the "
+                        "same transitions would count twice); recorded as duplicate_of in metadata.json")
     i = data.add_parser("inspect", help="data-quality report and PNG")
     i.add_argument("dir", help="converted dataset directory or builtin:NAME")
     i.add_argument("--png", default=None, help="where to write the PNG (default: DIR/inspect.png)")
@@ -132,7 +140,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                                     env_id=args.env_id)
                 print(f"wrote {meta['num_transitions']} transitions in {meta['num_episodes']} episodes to {args.out}")
             elif args.data_command == "append":
-                meta = data.append(args.source, args.to, mapping=_parse_mapping(args.map))
+                meta = data.append(args.source, args.to, mapping=_parse_mapping(args.map), shards=args.shards,
+                                   allow_duplicate=args.allow_duplicate)
                 print(f"{args.to} now holds {meta['num_transitions']} transitions in {meta['num_episodes']} episodes")
             else:
                 report = data.inspect(args.dir, png=args.png)

@@ -55,7 +55,13 @@ from .schema import COLUMNS
 from .sources import Chunk, SourceData, read_source
 
 DEFAULT_SHARDS = 8
-"""Parquet files per partition: DESIGN asks for at least 4 files per intended worker (8 = 2 workers)."""
+"""Most Parquet files per partition by default: DESIGN asks for at least 4 files per intended worker (8 = 2
+workers). Fewer for small data, see SHARD_BYTES."""
+SHARD_BYTES = 16 << 20
+"""Default shard size: a partition gets one file per SHARD_BYTES of transitions (as written to Arrow), at least 1
+and at most DEFAULT_SHARDS. Below ~16 MiB another file buys no read parallelism (a worker reads 16 MiB in tens
+of milliseconds) and only adds footers and file opens; loaders split row ranges when there are fewer files than workers. So a
+100-row CSV becomes one file, a 1M-transition Hopper dataset (~130 MiB) eight."""
 ROW_GROUP_ROWS = 1 << 20
 """Rows per Parquet row group (large: loaders read whole columns)."""
 
@@ -63,7 +69,13 @@ _WRITE_TASKS = max(2, os.cpu_count() or 1)
 """Concurrent write tasks: each new Ray worker process costs seconds to start on a small machine, and
 writing is I/O bound, so no more tasks than this node has cores."""
 
-__all__ = ["convert", "append", "read_metadata", "DEFAULT_SHARDS"]
+__all__ = ["convert", "append", "read_metadata", "DEFAULT_SHARDS", "SHARD_BYTES", "default_shards"]
+
+
+def default_shards(cols: dict[str, np.ndarray]) -> int:
+    """Parquet files for a partition of these columns when --shards is not given (see SHARD_BYTES)."""
+    nbytes = sum(a.nbytes for a in cols.values())
+    return int(min(DEFAULT_SHARDS, max(1, -(-nbytes // SHARD_BYTES))))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,7 +87,8 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
 
     source: `minari:ID`, `builtin:NAME`, a Minari dataset directory, a D4RL-style .hdf5 file, RLlib-recorded
     Parquet (file or directory), or Parquet/CSV file(s) with `mapping` (FIELD=COLUMN, see sources/columnar.py).
-    shards: number of Parquet files (default 8; never more than the number of transitions).
+    shards: number of Parquet files (default: one per 16 MiB of transitions, 1 to 8, see `default_shards`;
+    never more than the number of transitions).
     env_id: gymnasium id to record for evaluation (overrides the source's).
 
     Everything is written into a hidden sibling directory and renamed into place at the end, so a failed
@@ -95,7 +108,8 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
     tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         tmp.mkdir()
-        part = _write_partition(cols, tmp / "part-00000", shards, data.source_id, num_episodes, notes=notes)
+        part = _write_partition(cols, tmp / "part-00000", shards or default_shards(cols), data.source_id,
+                                num_episodes, content_hash(cols), notes=notes)
         obs_mean, obs_std = moments(cols["observations"])
         meta = build_metadata(
             source=data.source_id, env_id=env_id_out, env_spec=env_spec, observation_space=obs_space,
@@ -117,19 +131,24 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
 
 
 def append(source: str, to: str | os.PathLike, mapping: dict[str, str] | None = None,
-           shards: int | None = None) -> dict[str, Any]:
+           shards: int | None = None, allow_duplicate: bool = False) -> dict[str, Any]:
     """Add `source` to converted dataset `to` as a new partition part-0000N; returns the updated metadata.
 
     Existing files are never touched: the partition is written into a hidden directory inside `to`, renamed to
     part-0000N, and only then metadata.json is replaced atomically. Observation shape and action space must
     match the dataset's (actions are checked against its bounds); new episodes get ids after the existing
-    ones. On any failure the dataset is left exactly as it was. `shards` defaults to the number of files of
-    the dataset's first partition.
+    ones. On any failure the dataset is left exactly as it was.
+
+    shards: Parquet files of the new partition (default: by size as in `convert`, see `default_shards`).
+    allow_duplicate: a partition's content hash covers its transitions with episode ids counted from 0 within
+    the partition, so the same source appended twice has the hash of the partition it repeats; that is refused
+    (duplicate transitions would weigh those episodes twice) unless allow_duplicate=True, which is recorded in
+    the new partition as "duplicate_of": NAME.
     """
     root = Path(to).expanduser().absolute()
     read_metadata(root)  # a clear error before anything else when `to` is not a dataset
     with _append_lock(root):
-        return _append_locked(source, root, mapping, shards)
+        return _append_locked(source, root, mapping, shards, allow_duplicate)
 
 
 @contextlib.contextmanager
@@ -149,15 +168,23 @@ def _append_lock(root: Path):
         os.close(fd)  # releases the lock
 
 
-def _append_locked(source: str, root: Path, mapping: dict[str, str] | None, shards: int | None) -> dict[str, Any]:
+def _append_locked(source: str, root: Path, mapping: dict[str, str] | None, shards: int | None,
+                   allow_duplicate: bool) -> dict[str, Any]:
+    shards = _check_shards(shards)
     meta = read_metadata(root)
     old = _read_existing_scalars(root, meta)
     data = read_source(source, mapping)
-    if shards is None:
-        shards = len(meta["partitions"][0]["files"]) if meta["partitions"] else DEFAULT_SHARDS
-    shards = _check_shards(shards)
     _check_spaces(data, existing=meta)
     cols, num_episodes, notes = _assemble(data)
+    part_hash = content_hash(cols)  # episode ids still count from 0: the partition's own content
+    same = [p for p in meta["partitions"] if p.get("content_hash") == part_hash]
+    if same and not allow_duplicate:
+        p = same[0]
+        raise DataError(f"{data.source_id}: its {len(cols['rewards'])} transitions are already in {root} as partition "
+                        f"{p['name']} (from {p.get('source')}, same content hash {part_hash[:12]}); appending them "
+                        f"again would count those episodes twice - pass --allow-duplicate (allow_duplicate=True) "
+                        f"if that is what you want")
+    shards = shards or default_shards(cols)
     first_id = int(old["episode_id"].max()) + 1 if len(old["episode_id"]) else 0
     cols["episode_id"] = cols["episode_id"] + first_id
 
@@ -167,7 +194,9 @@ def _append_locked(source: str, root: Path, mapping: dict[str, str] | None, shar
     moved = False
     try:
         tmp.mkdir()
-        part = _write_partition(cols, tmp, shards, data.source_id, num_episodes, name=name, notes=notes)
+        part = _write_partition(cols, tmp, shards, data.source_id, num_episodes, part_hash, name=name, notes=notes)
+        if same:
+            part["duplicate_of"] = same[0]["name"]
         new_mean, new_std = moments(cols["observations"])
         obs_mean, obs_std = pool_moments([(int(meta["num_transitions"]), meta["obs_mean"], meta["obs_std"]),
                                           (len(cols["rewards"]), new_mean, new_std)])
@@ -206,9 +235,10 @@ def _warn(notes: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # checks across files and against the spaces
 
-def _check_shards(shards: int | None) -> int:
+def _check_shards(shards: int | None) -> int | None:
+    """A valid --shards, or None for the size-based default (`default_shards`)."""
     if shards is None:
-        return DEFAULT_SHARDS
+        return None
     if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
         raise DataError(f"--shards {shards!r}: must be a positive integer (number of Parquet files)")
     return int(shards)
@@ -557,7 +587,7 @@ def _episode_range(md) -> tuple[int, int] | None:
 
 
 def _write_partition(cols: dict[str, np.ndarray], part_dir: Path, shards: int, source_id: str, num_episodes: int,
-                     name: str | None = None, notes: list[str] | None = None) -> dict[str, Any]:
+                     part_hash: str, name: str | None = None, notes: list[str] | None = None) -> dict[str, Any]:
     """Write the columns as `shards` Parquet files in `part_dir` (created) through Ray Data."""
     import pyarrow.parquet as pq
     import ray
@@ -598,4 +628,4 @@ def _write_partition(cols: dict[str, np.ndarray], part_dir: Path, shards: int, s
         os.rename(src, dst)
         files.append(dst.name)
     return {"name": name or part_dir.name, "source": source_id, "files": files, "num_transitions": int(n),
-            "num_episodes": int(num_episodes), "content_hash": content_hash(cols), "notes": list(notes or [])}
+            "num_episodes": int(num_episodes), "content_hash": part_hash, "notes": list(notes or [])}

@@ -26,9 +26,12 @@ metadata.json keys:
   episode_length_stats {"mean", "min", "max"},
   obs_mean [...], obs_std [...], reward_mean, reward_std,
   ref_min_score, ref_max_score (null when the source has none),
-  partitions [{"name", "source", "files", "num_transitions", "num_episodes", "content_hash",
+  partitions [{"name", "source", "files", "num_transitions", "num_episodes",
+               "content_hash" (sha256 over the partition's columns with its episode ids counted from 0, so the
+               same source appended twice has the same hash: `append` refuses it without allow_duplicate),
                "notes" (what the conversion dropped or changed, e.g. rows without a next observation; [] if
-               nothing)}].
+               nothing), "duplicate_of" (only on a partition appended with allow_duplicate: the partition it
+               repeats)}].
 """
 from __future__ import annotations
 

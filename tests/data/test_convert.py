@@ -146,7 +146,7 @@ def test_minari_discrete_by_path_env_override_and_default_shards(ray_cluster, mi
     path = Path(ds.storage.data_path).parent
     out = tmp_path / "nested" / "out"  # missing parents are created
     meta = convert(str(path), out, env_id="CartPole-v0")
-    check_layout(out, meta, shards=8)
+    check_layout(out, meta, shards=1)  # default: one file per 16 MiB (convert.default_shards)
     rows = read_converted(out)
     check_stats(meta, rows)
     check_rows_equal(rows, expected_from_episodes(eps), discrete=True)
@@ -433,7 +433,7 @@ def test_append_adds_a_partition_and_updates_metadata(ray_cluster, minari_root, 
         "observations": r["observations"], "actions": r["actions"], "rewards": r["rewards"],
         "next_observations": r["next_observations"], "terminations": r["terminations"],
         "truncations": r["truncations"]})
-    meta = append(str(src), out)
+    meta = append(str(src), out, shards=2)
 
     after = tree_digest(out)
     assert {k: v for k, v in after.items() if k in before and k != "metadata.json"} == \
@@ -451,9 +451,10 @@ def test_append_adds_a_partition_and_updates_metadata(ray_cluster, minari_root, 
     assert meta["content_hash"] != meta0["content_hash"]
     assert (meta["env_id"], meta["source"], meta["ref_max_score"]) == ("Pendulum-v1", meta0["source"], -100.0)
 
-    # a second append gets part-00002 and ids after the last ones
-    meta2 = append(str(src), out)
-    assert meta2["partitions"][2]["name"] == "part-00002"
+    # a second append of the same source needs allow_duplicate; it gets part-00002 and ids after the last ones
+    meta2 = append(str(src), out, allow_duplicate=True)
+    assert meta2["partitions"][2]["name"] == "part-00002" and meta2["partitions"][2]["duplicate_of"] == "part-00001"
+    assert meta2["partitions"][2]["files"] == ["shard-00000.parquet"]  # default: by size
     assert meta2["num_episodes"] == 7
     np.testing.assert_array_equal(np.unique(read_converted(out)["episode_id"]), np.arange(7))
 

@@ -211,3 +211,65 @@ def test_parquet_errors_say_rows_are_0_based(tmp_path, capsys):
     pq.write_table(t, tmp_path / "log.parquet")
     assert main(["data", "convert", str(tmp_path / "log.parquet"), "--out", str(tmp_path / "o"), "--map", CSV_MAP]) == 2
     assert "column 'obs_1' holds NaN (not a number) at row 37 (0-based)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 6: appending the same content twice is refused unless allowed; append --shards; shards by size
+
+def digest(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_duplicate_append_refused_unless_allowed(tmp_path, capsys):
+    from rayoffline.data import append, read_metadata
+
+    a = csv_source(tmp_path / "a.csv", n=20)
+    ds = tmp_path / "ds"
+    assert main(["data", "convert", str(a), "--out", str(ds), "--map", CSV_MAP]) == 0
+    b = tmp_path / "b.csv"
+    b.write_text(a.read_text())  # the same rows under another name
+    before = digest(ds)
+    capsys.readouterr()
+    assert main(["data", "append", str(b), "--to", str(ds), "--map", CSV_MAP]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rayoffline: error: ") and err.count("\n") == 1
+    assert f"csv:{b}" in err and "already in" in err and "part-00000" in err and "--allow-duplicate" in err
+    with pytest.raises(DataError, match="allow_duplicate=True"):
+        append(str(b), ds, mapping=dict(kv.split("=") for kv in CSV_MAP.split(",")))
+    assert digest(ds) == before  # nothing written
+
+    assert main(["data", "append", str(b), "--to", str(ds), "--map", CSV_MAP, "--allow-duplicate",
+                 "--shards", "3"]) == 0
+    meta = read_metadata(ds)
+    part = meta["partitions"][1]
+    assert part["duplicate_of"] == "part-00000" and part["content_hash"] == meta["partitions"][0]["content_hash"]
+    assert part["files"] == [f"shard-{i:05d}.parquet" for i in range(3)]
+    assert "duplicate_of" not in meta["partitions"][0]
+    assert meta["num_transitions"] == 38 and meta["num_episodes"] == 4
+    r = load(ds).rewards.numpy()
+    np.testing.assert_array_equal(r[19:], r[:19])  # the same transitions twice, as asked
+
+    # different content is appended without a flag, one file by default for a small source
+    c = csv_source(tmp_path / "c.csv", n=12)
+    assert main(["data", "append", str(c), "--to", str(ds), "--map", CSV_MAP]) == 0
+    assert read_metadata(ds)["partitions"][2]["files"] == ["shard-00000.parquet"]
+
+
+def test_default_shards_by_size(tmp_path, monkeypatch):
+    import importlib
+
+    from rayoffline.data import convert
+    from rayoffline.errors import DataWarning
+
+    conv = importlib.import_module("rayoffline.data.convert")  # the module (rayoffline.data.convert is the function)
+    src = csv_source(tmp_path / "a.csv", n=100)
+    mapping = dict(kv.split("=") for kv in CSV_MAP.split(","))
+    with pytest.warns(DataWarning):  # the last row of episode 1 is dropped
+        meta = convert(str(src), tmp_path / "one", mapping=mapping)
+    assert meta["partitions"][0]["files"] == ["shard-00000.parquet"]  # 100 rows: one file
+    monkeypatch.setattr(conv, "SHARD_BYTES", 1 << 10)  # ~5 KiB of columns -> 5 files; never more than 8
+    with pytest.warns(DataWarning):  # the last row of episode 1 is dropped
+        assert len(convert(str(src), tmp_path / "five", mapping=mapping)["partitions"][0]["files"]) == 5
+    monkeypatch.setattr(conv, "SHARD_BYTES", 1)
+    with pytest.warns(DataWarning):  # the last row of episode 1 is dropped
+        assert len(convert(str(src), tmp_path / "eight", mapping=mapping)["partitions"][0]["files"]) == 8
