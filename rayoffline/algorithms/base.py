@@ -100,6 +100,7 @@ class Algorithm(nn.Module):
         self.build(init_generators(seeds))
         self.to(self.device)
         self.rng = MemberRNG(seeds, self.device, STREAM_NOISE)
+        self._reduce_batch_stats = False  # replicate-mode data parallelism: batch statistics span all workers
 
     # ----- to implement -------------------------------------------------------------------------------
     def build(self, gens: list[torch.Generator]) -> None:
@@ -116,6 +117,25 @@ class Algorithm(nn.Module):
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         """Deterministic action for normalized obs (K, B, obs): (K, B, act) in [-1, 1] or (K, B) int64."""
         raise NotImplementedError
+
+    # ----- data parallelism ---------------------------------------------------------------------------
+    def set_data_parallel(self, rank: int, world: int, shared: bool) -> None:
+        """Called by the learner on every data-parallel worker before training. shared=True (replicate
+        mode): noise is the global stream sliced by rank and `batch_mean` averages over all workers, so the
+        workers together compute the update of one worker with the global batch; shared=False (split mode):
+        noise streams differ per rank and batch statistics stay local."""
+        self.rng = MemberRNG(self.seeds, self.device, STREAM_NOISE, rank=rank, world=world, shared=shared)
+        self._reduce_batch_stats = shared and world > 1
+
+    def batch_mean(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """x.mean(dim) over the global batch: the local mean, averaged across replicate-mode workers (equal
+        local batch sizes). For batch-level statistics that a loss uses as a constant, e.g. TD3+BC's lambda."""
+        m = x.mean(dim)
+        if self._reduce_batch_stats:
+            m = m.contiguous()
+            torch.distributed.all_reduce(m)
+            m = m / torch.distributed.get_world_size()
+        return m
 
     # ----- shared helpers -----------------------------------------------------------------------------
     def coef(self, name: str) -> torch.Tensor:

@@ -105,7 +105,7 @@ class TD3BC(Algorithm):
         if step % self.cfg.policy_freq == 0:
             pi = self.actor(obs)                                               # (K, B, act)
             q_pi = self.critic.q1(obs, pi)                                     # (K, B)
-            lam = self.coef("alpha") / q_pi.detach().abs().mean(1)             # (K,)
+            lam = self.coef("alpha") / self.batch_mean(q_pi.detach().abs(), 1)  # (K,) over the global batch
             bc = (pi - act).square().mean((1, 2))                              # (K,)
             actor_q = q_pi.mean(1)                                             # (K,)
             actor_loss = bc - lam * actor_q

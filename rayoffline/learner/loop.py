@@ -54,17 +54,36 @@ class FlatGroup:
 
 
 class Learner:
-    def __init__(self, algorithm: Algorithm, data: Batch, batch_size: int) -> None:
+    """Steps `algorithm` on `data` (this worker's transitions, on the device).
+
+    `batch_size` is the global batch per member. With torch.distributed initialized over `world` workers,
+    each worker draws batch_size / world transitions and gradients are averaged across workers:
+    - mode "replicate": every worker holds the whole dataset and draws its slice of the one global index
+      (and noise) stream, so the workers compute exactly the update of one worker with the global batch;
+    - mode "split": every worker holds its own share of the data and draws from streams of its own.
+    """
+
+    def __init__(self, algorithm: Algorithm, data: Batch, batch_size: int, mode: str = "replicate") -> None:
+        if mode not in ("replicate", "split"):
+            raise ValueError(f"mode must be 'replicate' or 'split', got {mode!r}")
         self.algorithm = algorithm
         self.data = data
         self.n = int(data.rewards.shape[0])
-        self.batch_size = batch_size
-        self.sampler = MemberRNG(algorithm.seeds, algorithm.device, STREAM_SAMPLE)
+        self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        self.rank = torch.distributed.get_rank() if self._distributed else 0
+        self.world = torch.distributed.get_world_size() if self._distributed else 1
+        self.mode = mode
+        if batch_size % self.world:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {self.world} data-parallel workers")
+        self.batch_size = batch_size // self.world  # this worker's share of the global batch
+        shared = mode == "replicate"
+        self.sampler = MemberRNG(algorithm.seeds, algorithm.device, STREAM_SAMPLE, rank=self.rank, world=self.world,
+                                 shared=shared)
+        algorithm.set_data_parallel(self.rank, self.world, shared)
         self.groups: dict[str, FlatGroup] = {
             name: FlatGroup(list(params), lr) for name, (params, lr) in algorithm.optim_groups().items()}
         self.optimizers = {name: g.optimizer for name, g in self.groups.items()}
-        self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
 
@@ -106,18 +125,31 @@ class Learner:
         if not self._sums:
             return {}
         keys = list(self._sums)
-        values = torch.stack([self._sums[k].float() / self._counts[k] for k in keys]).cpu().tolist()
+        values = torch.stack([self._sums[k].float() / self._counts[k] for k in keys])
+        if self._distributed:  # every worker's local means -> the mean over workers (the global batch)
+            torch.distributed.all_reduce(values)
+            values /= self.world
+        values = values.cpu().tolist()
         self._sums, self._counts = {}, {}
         return dict(zip(keys, values))
 
     # ----- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """The learner's state. In split mode every worker's random streams differ, so this is a collective
+        call: all workers must make it, and each worker's streams are stored (`rank_streams`)."""
+        state = {
             "algorithm": self.algorithm.state_dict(),
             "algorithm_extra": self.algorithm.extra_state(),
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "sampler_rng": self.sampler.get_state(),
+            "data_parallel": {"mode": self.mode, "world": self.world},
         }
+        if self.mode == "split" and self.world > 1:
+            mine = {"sampler_rng": state["sampler_rng"], "algorithm_extra": state["algorithm_extra"]}
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, mine)
+            state["rank_streams"] = gathered
+        return state
 
     def load_state_dict(self, state: dict[str, Any], where: str = "checkpoint") -> None:
         try:
@@ -127,6 +159,18 @@ class Learner:
                 raise ValueError(f"optimizer groups {sorted(state['optimizers'])} != {sorted(self.optimizers)}")
             for k, o in self.optimizers.items():
                 o.load_state_dict(state["optimizers"][k])
+            saved = state.get("data_parallel", {"mode": "replicate", "world": 1})
+            if self.mode == "split" and self.world > 1 or saved["mode"] == "split" and saved["world"] > 1:
+                if (saved["mode"], saved["world"]) != (self.mode, self.world):
+                    raise CheckpointError(
+                        f"{where}: a split-mode run continues only in split mode with the same number of workers "
+                        f"(saved: {saved['mode']} x {saved['world']} workers, now: {self.mode} x {self.world}); its "
+                        f"workers' sampling streams are stored per rank")
+                if self.world > 1:
+                    mine = state["rank_streams"][self.rank]
+                    self.sampler.set_state(mine["sampler_rng"])
+                    self.algorithm.load_extra_state(mine["algorithm_extra"])
+                    return
             self.sampler.set_state(state["sampler_rng"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{where}: does not fit this run ({e}); it was written by a different algorithm, "

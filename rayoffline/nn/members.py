@@ -38,20 +38,39 @@ class MemberRNG:
     """K random streams on one device; every draw returns a leading member dim (K, ...).
 
     Member k's numbers depend only on its seed, so a K-member run reproduces each member's K=1 run.
+
+    Data-parallel workers (rank of world) draw in one of two ways:
+    - shared (replicate mode): every rank draws the global stream and keeps its slice of the first drawn
+      dimension (the batch): draws of size (b, ...) take rows [rank*b, (rank+1)*b) of the global (world*b, ...)
+      draw, so `world` workers with local batch b see exactly what one worker with batch world*b sees;
+    - not shared (split mode): rank is mixed into the seed, so every rank has a stream of its own (rank 0's is
+      the single-process stream).
     """
 
-    def __init__(self, seeds: Sequence[int], device: torch.device | str, stream: int) -> None:
+    def __init__(self, seeds: Sequence[int], device: torch.device | str, stream: int, rank: int = 0,
+                 world: int = 1, shared: bool = True) -> None:
         self.device = torch.device(device)
-        self.gens = [torch.Generator(device=self.device).manual_seed(mix_seed(s, stream)) for s in seeds]
+        self.rank, self.world, self.shared = rank, world, shared
+        mixed = stream if shared or rank == 0 else stream + (rank << 8)
+        self.gens = [torch.Generator(device=self.device).manual_seed(mix_seed(s, mixed)) for s in seeds]
+
+    def _draw(self, fn, size: Sequence[int], **kw) -> torch.Tensor:
+        size = tuple(size)
+        if self.shared and self.world > 1 and size:
+            rows = size[0]
+            full = (rows * self.world, *size[1:])
+            out = torch.stack([fn(full, generator=g, device=self.device, **kw) for g in self.gens])
+            return out[:, self.rank * rows:(self.rank + 1) * rows]
+        return torch.stack([fn(size, generator=g, device=self.device, **kw) for g in self.gens])
 
     def randint(self, high: int, size: Sequence[int]) -> torch.Tensor:
-        return torch.stack([torch.randint(high, tuple(size), generator=g, device=self.device) for g in self.gens])
+        return self._draw(lambda sz, **kw: torch.randint(high, sz, **kw), size)
 
     def rand(self, size: Sequence[int]) -> torch.Tensor:
-        return torch.stack([torch.rand(tuple(size), generator=g, device=self.device) for g in self.gens])
+        return self._draw(torch.rand, size)
 
     def randn(self, size: Sequence[int]) -> torch.Tensor:
-        return torch.stack([torch.randn(tuple(size), generator=g, device=self.device) for g in self.gens])
+        return self._draw(torch.randn, size)
 
     def get_state(self) -> list[torch.Tensor]:
         return [g.get_state() for g in self.gens]
