@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "same transitions would count twice); recorded as duplicate_of in metadata.json")
     i = data.add_parser("inspect", help="data-quality report and PNG")
     i.add_argument("dir", help="converted dataset directory or builtin:NAME")
-    i.add_argument("--png", default=None, help="where to write the PNG (default: DIR/inspect.png)")
+    i.add_argument("--out", "--png", dest="out", default=None, metavar="PATH",
+                   help="where to write the figure: a .png file, or a directory that gets NAME-inspect.png "
+                        "(default: the current directory); --png is an alias")
 
     t = sub.add_parser("train", help="train an offline RL algorithm")
     t.add_argument("--algo", default=None, help="algorithm name (see `rayoffline algos`); not needed with --resume")
@@ -144,7 +146,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                                    allow_duplicate=args.allow_duplicate)
                 print(f"{args.to} now holds {meta['num_transitions']} transitions in {meta['num_episodes']} episodes")
             else:
-                report = data.inspect(args.dir, png=args.png)
+                report = data.inspect(args.dir, out=args.out)
                 print(report["text"])
                 print(f"plot: {report['png']}")
         return 0

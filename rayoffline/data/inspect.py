@@ -140,7 +140,7 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
                          "max": float(rew.max())},
         "obs_min": st.obs_min, "obs_max": st.obs_max, "obs_mean": st.obs_sum / n,
         "obs_std": np.sqrt(np.maximum(st.obs_sq / n - np.square(st.obs_sum / n), 0.0)),
-        "nonfinite": st.nonfinite, "meta": meta,
+        "nonfinite": st.nonfinite, "meta": meta, "rewards": rew.astype(np.float32),
     }
     space = meta["action_space"]
     if space["type"] == "Discrete":
@@ -152,15 +152,17 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
         high = np.asarray(space["high"], np.float64).reshape(-1)
         dims = []
         hist = np.zeros((act.shape[1], COVERAGE_BINS), np.int64)
+        edges = np.zeros((act.shape[1], COVERAGE_BINS + 1))
         for d in range(act.shape[1]):
             a = act[:, d].astype(np.float64)
             row = {"min": float(a.min()), "max": float(a.max()), **_pct_row(a, _ACT_PCTS),
                    "low": float(low[d]), "high": float(high[d]), "span": None, "covered": None}
             lo, hi = (low[d], high[d]) if np.isfinite(low[d]) and np.isfinite(high[d]) else (a.min(), a.max())
             if hi > lo:
-                hist[d] = np.histogram(np.clip(a, lo, hi), bins=COVERAGE_BINS, range=(lo, hi))[0]
-            else:
-                hist[d, 0] = len(a)
+                hist[d], edges[d] = np.histogram(np.clip(a, lo, hi), bins=COVERAGE_BINS, range=(lo, hi))
+            else:  # one value: a bin of width 1 around it
+                hist[d, COVERAGE_BINS // 2] = len(a)
+                edges[d] = np.linspace(lo - 0.5, lo + 0.5, COVERAGE_BINS + 1)
             if np.isfinite(low[d]) and np.isfinite(high[d]) and high[d] > low[d]:
                 row["span"] = float((a.max() - a.min()) / (high[d] - low[d]))
                 row["covered"] = float((hist[d] >= max(1, COVERAGE_MIN_SHARE * n)).mean())
@@ -168,6 +170,7 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
             dims.append(row)
         out["action_dims"] = dims
         out["action_hist"] = hist
+        out["action_edges"] = edges  # (act_dim, bins + 1) bin edges in action units
     return out
 
 
@@ -232,55 +235,154 @@ def _text(root: Path, s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _plot(s: dict[str, Any], png: Path, title: str) -> None:
+_MAX_PLOT_DIMS = 32  # observation and action dimensions drawn
+
+
+def _count_bins(x: np.ndarray, max_bins: int = 40) -> np.ndarray:
+    """Histogram edges for integer-valued data (episode lengths): one bin per integer when the range is small,
+    else at most `max_bins` bins on integer boundaries; a constant gets one bin centred on its value."""
+    lo, hi = int(x.min()), int(x.max())
+    step = max(1, int(np.ceil((hi - lo + 1) / max_bins)))
+    return np.arange(lo, hi + step + 1, step) - 0.5
+
+
+def figure(s: dict[str, Any], title: str):
+    """The report's matplotlib Figure (no pyplot) from `summarize`'s numbers: returns, episode lengths and
+    rewards on top; action coverage (in action units) and observation ranges below."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(13, 4), constrained_layout=True)
+    fig = Figure(figsize=(15, 8.5), constrained_layout=True)
     FigureCanvasAgg(fig)
-    ax_r, ax_l, ax_a = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1, 1.4]})
+    grid = fig.add_gridspec(2, 3)
+    ax_r, ax_l, ax_w = (fig.add_subplot(grid[0, i]) for i in range(3))
+    ax_a = fig.add_subplot(grid[1, :2] if "action_counts" not in s else grid[1, 0])
+    ax_o = fig.add_subplot(grid[1, 2] if "action_counts" not in s else grid[1, 1:])
+
     returns = s["returns"]
-    ax_r.hist(returns, bins=min(50, max(10, len(returns) // 4)), color="tab:blue", alpha=0.85)
+    if returns.max() > returns.min():
+        ax_r.hist(returns, bins=min(50, max(10, len(returns) // 4)), color="tab:blue", alpha=0.85)
+    else:  # every episode has the same return: one bar, not a spread of empty bins
+        ax_r.bar([returns[0]], [len(returns)], width=max(1.0, abs(returns[0]) * 0.02), color="tab:blue")
     for q, ls in ((50, "-"), (5, ":"), (95, ":")):
         ax_r.axvline(np.percentile(returns, q), color="k", ls=ls, lw=1)
     ax_r.set_title(f"returns of {len(returns)} episodes (median, p5, p95)")
     ax_r.set_xlabel("return")
     ax_r.set_ylabel("episodes")
-    ax_l.hist(s["episode_lengths"], bins=30, color="tab:gray")
-    ax_l.set_title(f"lengths ({s['episodes_terminated']} term., {s['episodes_truncated']} trunc.)")
+
+    lengths = s["episode_lengths"]
+    ax_l.hist(lengths, bins=_count_bins(lengths), color="tab:gray")
+    if lengths.min() == lengths.max():  # a constant: show it with room around it, not a 1-step-wide axis
+        v = int(lengths[0])
+        pad = max(2, int(0.05 * v))
+        ax_l.set_xlim(v - pad, v + pad)
+        ax_l.set_title(f"lengths: all {len(lengths)} episodes have {v} steps")
+    else:
+        ax_l.set_title(f"lengths ({s['episodes_terminated']} term., {s['episodes_truncated']} trunc.)")
     ax_l.set_xlabel("steps")
+    ax_l.set_ylabel("episodes")
+    for ax in (ax_r, ax_l):
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # episode counts are whole numbers
+    ax_l.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+    rew = s["rewards"]
+    if rew.max() > rew.min():
+        ax_w.hist(rew, bins=50, color="tab:green", alpha=0.85)
+        ax_w.set_title(f"rewards of {len(rew)} transitions (mean {_fmt(s['reward_stats']['mean'])})")
+    else:
+        ax_w.bar([float(rew[0])], [len(rew)], width=max(1.0, abs(float(rew[0])) * 0.02), color="tab:green")
+        ax_w.set_title(f"rewards: all {len(rew)} transitions have {_fmt(float(rew[0]))}")
+    ax_w.set_xlabel("reward")
+    ax_w.set_ylabel("transitions")
+    ax_w.yaxis.set_major_locator(MaxNLocator(integer=True))
+
     if "action_counts" in s:
         counts = s["action_counts"]
         ax_a.bar(np.arange(len(counts)), counts, color="tab:orange")
         ax_a.set_xticks(np.arange(len(counts)))
+        ax_a.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax_a.set_title("action counts")
         ax_a.set_xlabel("action")
+        ax_a.set_ylabel("transitions")
     else:
         hist = s["action_hist"].astype(np.float64)
+        edges = s["action_edges"]
         share = hist / np.maximum(hist.sum(1, keepdims=True), 1)
-        im = ax_a.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest",
-                         extent=(0, 1, len(share) - 0.5, -0.5))
-        ax_a.set_yticks(np.arange(len(share)))
+        k = min(len(share), _MAX_PLOT_DIMS)
+        vmax = max(float(share[:k].max()), 1e-12)
+        mesh = None
+        for d in range(k):  # one strip per dimension, each on its own bins, in action units
+            mesh = ax_a.pcolormesh(edges[d], [d - 0.45, d + 0.45], share[d:d + 1], cmap="viridis", vmin=0,
+                                   vmax=vmax)
+            lo, hi = s["action_dims"][d]["low"], s["action_dims"][d]["high"]
+            for b in (lo, hi):
+                if np.isfinite(b):
+                    ax_a.plot([b, b], [d - 0.5, d + 0.5], color="tab:red", lw=1.5)
+        lo_x, hi_x = float(edges[:k].min()), float(edges[:k].max())
+        ax_a.set_xlim(lo_x - 0.03 * (hi_x - lo_x), hi_x + 0.03 * (hi_x - lo_x))  # room to see the bounds
+        ax_a.set_ylim(k - 0.5, -0.5)
+        ax_a.set_yticks(np.arange(k))
         ax_a.set_ylabel("action dim")
-        ax_a.set_xlabel("position in [low, high]")
-        ax_a.set_title(f"action coverage (share per bin, {COVERAGE_BINS} bins)")
-        fig.colorbar(im, ax=ax_a)
+        ax_a.set_xlabel("action value (red: bounds of the action space)")
+        ax_a.set_title(f"action coverage: share of transitions per bin ({COVERAGE_BINS} bins per dim"
+                       + (f", first {k} dims" if k < len(share) else "") + ")")
+        fig.colorbar(mesh, ax=ax_a, label="share")
+
+    d_obs = min(len(s["obs_min"]), _MAX_PLOT_DIMS)
+    x = np.arange(d_obs)
+    ax_o.vlines(x, s["obs_min"][:d_obs], s["obs_max"][:d_obs], color="tab:gray", lw=7, alpha=0.35)
+    ax_o.errorbar(x, s["obs_mean"][:d_obs], yerr=s["obs_std"][:d_obs], fmt="o", color="tab:purple", ms=4,
+                  capsize=4, lw=1.5)
+    ax_o.set_xticks(x if d_obs <= 16 else x[::max(1, d_obs // 16)])
+    ax_o.set_xlabel("observation dim" + (f" (first {d_obs})" if d_obs < len(s["obs_min"]) else ""))
+    ax_o.set_ylabel("value")
+    ax_o.set_title("observations: min..max (gray), mean \u00b1 std")
+    ax_o.set_xlim(-0.7, d_obs - 0.3)
     fig.suptitle(title)
+    return fig
+
+
+def _plot(s: dict[str, Any], png: Path, title: str) -> None:
+    fig = figure(s, title)
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
+    tmp = png.parent / f".{png.name}.tmp-{os.getpid()}"
+    try:  # written aside and renamed: a failure never leaves half a PNG where the user asked for one
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, png)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def inspect(dataset: str | os.PathLike, png: str | os.PathLike | None = None) -> dict[str, Any]:
+def _png_path(dataset: str | os.PathLike, root: Path, out: str | os.PathLike | None) -> Path:
+    """Where the figure goes: `out` if it names a .png file, else DIR/<dataset name>-inspect.png with DIR = `out`
+    or the current working directory (never the dataset's own or the cache directory)."""
+    name = str(dataset)[len("builtin:"):] if str(dataset).startswith("builtin:") else root.name
+    if out is not None and Path(out).suffix.lower() == ".png":
+        return Path(out).expanduser().absolute()
+    return (Path(out).expanduser() if out is not None else Path.cwd()).absolute() / f"{name}-inspect.png"
+
+
+def inspect(dataset: str | os.PathLike, out: str | os.PathLike | None = None,
+            png: str | os.PathLike | None = None) -> dict[str, Any]:
     """Data-quality report of a converted dataset directory or `builtin:NAME`.
 
-    Returns {"text": the printed report, "png": path of the figure written (default DIR/inspect.png),
-    "summary": the numbers behind them (see `summarize`)}.
+    out: where to write the figure: a .png path, or a directory that gets NAME-inspect.png (default: the
+    current working directory). `png` is the older name of `out`.
+
+    Returns {"text": the printed report, "png": absolute path of the figure written, "summary": the numbers
+    behind them (see `summarize`)}. Panels: episode returns, episode lengths, per-transition rewards, action
+    coverage (Box: share of transitions per bin in action units, with the space's bounds; Discrete: counts),
+    and per-dimension observation ranges (min..max, mean +- std).
     """
     from .builtin import resolve
 
+    if out is not None and png is not None:
+        raise DataError(f"inspect: give the figure's place once (out={out!r} or png={png!r}, not both)")
     root = resolve(dataset)
     s = summarize(root)
     text = _text(root, s)
-    out_png = Path(png) if png is not None else root / "inspect.png"
+    out_png = _png_path(dataset, root, out if out is not None else png)
     _plot(s, out_png, f"{s['meta'].get('source') or root.name}: {s['num_transitions']} transitions")
     return {"text": text, "png": str(out_png), "summary": s}

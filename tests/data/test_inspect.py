@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,11 +48,12 @@ def test_report_box(box_ds, tmp_path):
     assert re.search(r"observations Box\(3\)", text)
 
 
-def test_report_default_png_and_discrete(tmp_path):
+def test_report_default_png_and_discrete(tmp_path, monkeypatch):
     root = tmp_path / "disc"
     cols = write_dataset(root, discrete_n=5, files=2, truncate_last=False)
-    r = inspect(str(root))
-    assert r["png"] == str(root / "inspect.png") and (root / "inspect.png").exists()
+    monkeypatch.chdir(tmp_path / "disc" / "part-00000")
+    r = inspect(str(root))  # default: NAME-inspect.png in the working directory, nothing added to the dataset
+    assert r["png"] == str(root / "part-00000" / "disc-inspect.png") and Path(r["png"]).exists()
     counts = np.bincount(cols["actions"], minlength=5)
     np.testing.assert_array_equal(r["summary"]["action_counts"], counts)
     assert "Discrete(5)" in r["text"]

@@ -44,8 +44,8 @@ def test_missing_shard_is_named_by_load_iter_chunks_and_inspect(ds, tmp_path, ca
     with pytest.raises(DataError, match=want):
         next(iter_chunks(ds))
     with pytest.raises(DataError, match=want):
-        inspect(ds, png=tmp_path / "i.png")
-    assert main(["data", "inspect", str(ds), "--png", str(tmp_path / "i.png")]) == 2
+        inspect(ds, out=tmp_path)
+    assert main(["data", "inspect", str(ds), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rayoffline: error: ") and "shard-00002.parquet" in err and err.count("\n") == 1
 
@@ -273,3 +273,53 @@ def test_default_shards_by_size(tmp_path, monkeypatch):
     monkeypatch.setattr(conv, "SHARD_BYTES", 1)
     with pytest.warns(DataWarning):  # the last row of episode 1 is dropped
         assert len(convert(str(src), tmp_path / "eight", mapping=mapping)["partitions"][0]["files"]) == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 13: inspect writes where asked (default: the working directory); integer counts, action units, panels
+
+def test_inspect_builtin_writes_to_the_working_directory(ray_cluster, tmp_path, monkeypatch, capsys):
+    from rayoffline.data.builtin import cache_root
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "inspect", "builtin:cartpole-medium"]) == 0
+    out = capsys.readouterr().out
+    png = tmp_path / "cartpole-medium-inspect.png"
+    assert out.rstrip().endswith(f"plot: {png}") and png.read_bytes()[:4] == b"\x89PNG"
+    assert not list(cache_root().rglob("*.png"))  # nothing written into the cache
+    assert main(["data", "inspect", "builtin:cartpole-medium", "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "cartpole-medium-inspect.png").exists()
+    assert main(["data", "inspect", "builtin:cartpole-medium", "--png", str(tmp_path / "c.png")]) == 0  # alias
+    assert capsys.readouterr().out.rstrip().endswith(f"plot: {tmp_path / 'c.png'}")
+
+
+def is_integer_ticks(axis) -> bool:
+    lo, hi = axis.get_view_interval()
+    ticks = [t for t in axis.get_majorticklocs() if lo <= t <= hi]
+    return bool(ticks) and all(float(t).is_integer() for t in ticks)
+
+
+def test_figure_integer_counts_constant_lengths_action_units_and_panels(tmp_path):
+    from rayoffline.data.inspect import figure, summarize
+
+    root = tmp_path / "const"
+    write_dataset(root, lengths=(200,) * 7, obs_dim=3, act_dim=2)  # every episode 200 steps
+    meta = json.loads((root / "metadata.json").read_text())
+    meta["action_space"].update(low=[-2.0, -1.0], high=[2.0, 1.0])
+    (root / "metadata.json").write_text(json.dumps(meta))
+    fig = figure(summarize(root), "t")
+    fig.canvas.draw()
+    titles = {ax.get_title(): ax for ax in fig.axes}
+    returns = next(ax for t, ax in titles.items() if t.startswith("returns"))
+    lengths = next(ax for t, ax in titles.items() if t.startswith("lengths"))
+    rewards = next(ax for t, ax in titles.items() if t.startswith("rewards"))
+    actions = next(ax for t, ax in titles.items() if t.startswith("action coverage"))
+    obs = next(ax for t, ax in titles.items() if t.startswith("observations"))
+    for ax in (returns, lengths, rewards):
+        assert is_integer_ticks(ax.yaxis), ax.get_title()  # counts: no 0.5 episodes
+    assert lengths.get_title() == "lengths: all 7 episodes have 200 steps"
+    lo, hi = lengths.get_xlim()
+    assert lo <= 195 and hi >= 205 and is_integer_ticks(lengths.xaxis)  # not 199.6..200.4
+    lo, hi = actions.get_xlim()
+    assert lo < -2.0 and hi > 2.0 and hi - lo < 5  # action units with room for the bounds, not [0, 1]
+    assert obs.get_xlim()[1] > 2 and len(obs.collections) >= 1  # a mark per observation dimension
