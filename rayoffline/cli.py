@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None,
                    help="run seed: every member's seed unless members: sets its own (default: the config's, else 0)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    r = t.add_argument_group("Ray Train (distributed; without --num-workers the run stays in this process)")
+    r.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="data-parallel Ray Train workers (run key num_workers)")
+    r.add_argument("--gpus-per-worker", type=float, default=None, metavar="G", help="GPUs per worker (default 0)")
+    r.add_argument("--cpus-per-worker", type=float, default=None, metavar="C", help="CPUs per worker (default 1)")
+    r.add_argument("--data-mode", choices=["auto", "replicate", "split"], default=None,
+                   help="replicate: every worker holds all data; split: each its share; auto (default): "
+                        "replicate when it fits memory_budget_gb")
+    r.add_argument("--max-failures", type=int, default=None, metavar="M",
+                   help="restarts from the last checkpoint after a worker dies (default 0)")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto or ray://HOST:10001 (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--allow-data-change", action="store_true",
                    help="with --resume: continue although the dataset changed since the run started (recorded "
                         "in config.yaml); without it such a resume is refused")

@@ -151,6 +151,9 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
     spec = RunSpec(cfg=cfg, data=data, run_dir=str(run_dir), resume=resume,
                    checkpoint=str(state_path) if state_path is not None else None, data_changes=history,
                    data_changed_now=resume and change is not None)
+    if cfg["run"].num_workers > 0:
+        from .distributed import train_on_ray
+        return train_on_ray(spec, start)
     return run_training(spec)
 
 

@@ -64,7 +64,11 @@ def format_result(result: dict[str, Any], run_dir: str | Path) -> str:
 
 
 def train_from_cli(args: argparse.Namespace) -> int:
-    result = train(args.algo, args.data, args.out, steps=args.steps, config=args.config, overrides=args.set,
+    ray_flags = {"num_workers": args.num_workers, "gpus_per_worker": args.gpus_per_worker,
+                 "cpus_per_worker": args.cpus_per_worker, "data_mode": args.data_mode,
+                 "max_failures": args.max_failures, "address": args.address}
+    overrides = list(args.set) + [f"{k}={v}" for k, v in ray_flags.items() if v is not None]
+    result = train(args.algo, args.data, args.out, steps=args.steps, config=args.config, overrides=overrides,
                    seed=args.seed, resume=args.resume, allow_data_change=args.allow_data_change)
     print(format_result(result, args.out))
     return 0

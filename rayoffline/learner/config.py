@@ -52,7 +52,27 @@ class RunConfig:
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep on disk."""
     progress: str = "auto"
-    """Progress bar: 'auto' (only on a terminal), 'on' or 'off'."""
+    """Progress display: 'auto' (a bar on a terminal, else a line per log interval), 'on' (a bar) or 'off'."""
+    num_workers: int = 0
+    """Ray Train workers, data-parallel (0: train in this process, without Ray)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per Ray Train worker (NCCL between workers when > 0, else gloo on CPUs)."""
+    cpus_per_worker: float = 1.0
+    """CPUs per Ray Train worker (also its torch threads when threads is 0)."""
+    data_mode: str = "auto"
+    """How Ray Train workers get data: 'replicate' (each holds all of it and takes its slice of one global
+    batch stream: N workers compute the update of one worker with the global batch), 'split' (each holds
+    its share of the shards, balanced by transitions), or 'auto' (replicate when the dataset fits
+    memory_budget_gb, else split)."""
+    memory_budget_gb: float = 0.0
+    """Per-worker memory for the dataset in data_mode auto; 0: half the worker's GPU memory, or half this
+    machine's RAM divided among the workers."""
+    max_failures: int = 0
+    """Ray Train restarts of the worker group from the last checkpoint after a worker fails."""
+    placement: str = "pack"
+    """Worker placement across nodes: 'pack' or 'spread'."""
+    address: str = ""
+    """Ray cluster to join ('auto' or 'ray://HOST:10001'); empty: $RAY_ADDRESS, else a local Ray."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -65,6 +85,16 @@ class RunConfig:
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         require(self.progress in ("auto", "on", "off"), "progress", f"'auto', 'on' or 'off', got {self.progress!r}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        require(self.data_mode in ("auto", "replicate", "split"), "data_mode",
+                f"'auto', 'replicate' or 'split', got {self.data_mode!r}")
+        require(self.memory_budget_gb >= 0, "memory_budget_gb", f"must be >= 0, got {self.memory_budget_gb}")
+        require(self.max_failures >= -1, "max_failures", f"must be >= 0 (or -1: unlimited), got {self.max_failures}")
+        require(self.placement in ("pack", "spread"), "placement", f"'pack' or 'spread', got {self.placement!r}")
+        require(self.num_workers == 0 or self.batch_size % self.num_workers == 0, "batch_size",
+                f"the global batch {self.batch_size} must be divisible by num_workers {self.num_workers}")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

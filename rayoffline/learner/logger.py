@@ -10,24 +10,20 @@ from pathlib import Path
 from typing import Any
 
 
-class RunLogger:
-    def __init__(self, run_dir: Path, members: int, total_steps: int, start_step: int, progress: str) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+class Progress:
+    """What a person watching a run sees on stderr: a tqdm bar on a terminal, else one line per log interval
+    (progress 'auto'); a bar always ('on'); nothing ('off'). Fed by the in-process logger, or by the driver of
+    a Ray Train run from the rows rank 0 appends to metrics.jsonl."""
 
+    def __init__(self, members: int, total_steps: int, start_step: int, progress: str) -> None:
         self.members = members
         self.total_steps = total_steps
-        self.start_step = start_step
-        self.steps_done = 0  # updates finished by this process (0: nothing trained yet)
+        self.steps_done = 0
         self._t0 = time.perf_counter()
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
-        self.jsonl_path = run_dir / "metrics.jsonl"
-        _truncate_after(self.jsonl_path, start_step)
-        self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         tty = sys.stderr.isatty()
-        show = progress == "on" or (progress == "auto" and tty)
         self.lines = progress == "auto" and not tty  # no terminal (a log file, a job): a line per log interval
         self.bar = None
-        if show:
+        if progress == "on" or (progress == "auto" and tty):
             from tqdm import tqdm
             try:  # a pseudo-terminal without a size (`script`, CI runners) reports 0x0: tqdm then hides its bar
                 sized = os.get_terminal_size(sys.stderr.fileno()).columns > 0
@@ -41,23 +37,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """metrics: name -> per-member list (length K) or a scalar."""
-        row: dict[str, Any] = {"step": step}
-        for name, value in metrics.items():
-            if isinstance(value, (list, tuple)):
-                if self.members == 1:
-                    self._scalar(name, value[0], step)
-                    row[name] = value[0]
-                else:
-                    for k, v in enumerate(value):
-                        self._scalar(f"{name}/m{k}", v, step)
-                    row[name] = list(value)
-            else:
-                self._scalar(name, value, step)
-                row[name] = value
-        self.jsonl.write(json.dumps(row) + "\n")
-        self.jsonl.flush()
+    def show(self, row: dict[str, Any]) -> None:
+        """A metrics.jsonl row: update the bar's losses and rate, or print the interval's line."""
         if self.bar is not None:
             shown = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("loss/")}
             ups = row.get("perf/updates_per_s")
@@ -88,13 +69,59 @@ class RunLogger:
             parts.append(f"eta {_duration(eta)}")
         return "  ".join(parts)
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class RunLogger:
+    """TensorBoard events and metrics.jsonl of a run (written by rank 0), plus its Progress display."""
+
+    def __init__(self, run_dir: Path, members: int, total_steps: int, start_step: int, progress: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.members = members
+        self.start_step = start_step
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1)
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        _truncate_after(self.jsonl_path, start_step)
+        self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self.progress = Progress(members, total_steps, start_step, progress)
+
+    @property
+    def steps_done(self) -> int:
+        """Updates finished by this process (0: nothing trained yet)."""
+        return self.progress.steps_done
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(n)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """metrics: name -> per-member list (length K) or a scalar."""
+        row: dict[str, Any] = {"step": step}
+        for name, value in metrics.items():
+            if isinstance(value, (list, tuple)):
+                if self.members == 1:
+                    self._scalar(name, value[0], step)
+                    row[name] = value[0]
+                else:
+                    for k, v in enumerate(value):
+                        self._scalar(f"{name}/m{k}", v, step)
+                    row[name] = list(value)
+            else:
+                self._scalar(name, value, step)
+                row[name] = value
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        self.progress.show(row)
+
     def _scalar(self, name: str, value: Any, step: int) -> None:
         if value is not None:
             self.writer.add_scalar(name, float(value), step)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
         self.writer.flush()
         self.writer.close()
         self.jsonl.close()

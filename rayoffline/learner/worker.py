@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -44,6 +44,10 @@ class RunSpec:
     data_changes: list[dict[str, Any]] = field(default_factory=list)
     """Recorded resumes on changed data (config.yaml's data_changes); the last one may be this resume's."""
     data_changed_now: bool = False
+    data_mode: str = "replicate"
+    """'replicate' or 'split' (resolved from RunConfig.data_mode by the driver)."""
+    in_process: bool = True
+    """True for the in-process run; False under Ray Train (the driver shows progress and cleans up)."""
 
 
 def open_dataset(data: str) -> tuple[Path, dict[str, Any]]:
@@ -68,31 +72,64 @@ def _build_algorithm(cfg: dict[str, Any], meta: dict[str, Any], device: torch.de
                obs_std=meta.get("obs_std"))
 
 
-def run_training(spec: RunSpec) -> dict[str, Any]:
-    """Train spec's run to its configured steps; returns the result (also RUN_DIR/result.json)."""
+@dataclass
+class WorkerContext:
+    """Where run_training executes: rank `rank` of `world` data-parallel workers (torch.distributed already
+    initialized when world > 1). `checkpoint` overrides the spec's (a Ray Train restart continues from the
+    last reported checkpoint); `report(step, metrics, checkpoint_file)` is called on every rank at every
+    checkpoint (Ray Train's report)."""
+
+    rank: int = 0
+    world: int = 1
+    checkpoint: str | None = None
+    report: Callable[[int, dict[str, Any], Path | None], None] | None = None
+
+
+class _Silent:
+    """The logger of ranks other than 0: they write nothing."""
+    steps_done = 0
+
+    def advance(self, n: int = 1) -> None:
+        self.steps_done += n
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, Any] | None:
+    """Train spec's run to its configured steps. Rank 0 writes the run directory and returns the result (also
+    RUN_DIR/result.json); other ranks return None."""
+    ctx = ctx or WorkerContext()
     cfg, run_dir = spec.cfg, Path(spec.run_dir)
     run: RunConfig = cfg["run"]
+    lead = ctx.rank == 0
     device = _device(run.device)
     threads = set_threads(run.threads, device)
     data_dir, meta = open_dataset(spec.data)
     algorithm = _build_algorithm(cfg, meta, device)  # validates the action space before anything is written
-    if run.eval_episodes:  # fail now, not after training, when the environment cannot be recovered
+    if run.eval_episodes and lead:  # fail now, not after training, when the environment cannot be recovered
         from ..evaluation.rollout import make_env
         make_env(meta.get("env_id"), meta.get("env_spec"))
 
     from .. import data as data_mod
-    batch = data_mod.load(data_dir, device=device)
-    learner = Learner(algorithm, batch, run.batch_size)
+    split = spec.data_mode == "split" and ctx.world > 1
+    batch = data_mod.load(data_dir, rank=ctx.rank if split else 0, world_size=ctx.world if split else 1,
+                          device=device)
+    learner = Learner(algorithm, batch, run.batch_size, mode=spec.data_mode)
     start = 0
-    if spec.checkpoint is not None:
-        state = ckpt.load(spec.checkpoint)
-        learner.load_state_dict(state["learner"], where=spec.checkpoint)
+    checkpoint = ctx.checkpoint or spec.checkpoint
+    if checkpoint is not None:
+        state = ckpt.load(checkpoint)
+        learner.load_state_dict(state["learner"], where=checkpoint)
         start = int(state["step"])
-    say = _printer(run.progress)
+    say = _printer(run.progress if lead and spec.in_process else "off")
     if spec.resume:
         last = spec.data_changes[-1] if spec.data_changed_now else None
         say(f"resuming {run_dir} at step {start} of {run.steps}"
-            + (f" from {Path(spec.checkpoint).name}" if spec.checkpoint else " (no checkpoint yet: from the start)")
+            + (f" from {Path(checkpoint).name}" if checkpoint else " (no checkpoint yet: from the start)")
             + (f"; dataset changed (content hash {last['from_hash'][:12]} -> {last['to_hash'][:12]}), recorded in "
                f"config.yaml" if last is not None else ""))
     say(f"{cfg['algo_name']}: {algorithm.K} member{'s' if algorithm.K > 1 else ''}, {run.steps} steps of batch "
@@ -100,15 +137,18 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
         + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "") + f" -> {run_dir}")
 
     created = not run_dir.exists()
-    fresh = not spec.resume
+    fresh = spec.in_process and not spec.resume and checkpoint is None
     finished_steps = 0
-    logger = None
+    logger: Any = None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-            config_to_yaml(cfg, spec.data, meta.get("content_hash"), spec.data_changes), sort_keys=False))
-        logger = RunLogger(run_dir, algorithm.K, run.steps, start, run.progress)
-        result = _drive(run_dir, cfg, run, spec.data, meta, algorithm, learner, logger, start)
+        if lead:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+                config_to_yaml(cfg, spec.data, meta.get("content_hash"), spec.data_changes), sort_keys=False))
+            logger = RunLogger(run_dir, algorithm.K, run.steps, start, run.progress if spec.in_process else "off")
+        else:
+            logger = _Silent()
+        result = _drive(run_dir, cfg, run, spec.data, meta, algorithm, learner, logger, start, ctx)
         finished_steps = run.steps - start
     except BaseException:
         if logger is not None:
@@ -125,14 +165,16 @@ def run_training(spec: RunSpec) -> dict[str, Any]:
 
 
 def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: dict[str, Any], algorithm,
-           learner: Learner, logger: RunLogger, start: int) -> dict[str, Any]:
+           learner: Learner, logger: Any, start: int, ctx: WorkerContext) -> dict[str, Any] | None:
     def payload() -> dict[str, Any]:
-        return {"algo": cfg["algo_name"], "learner": learner.state_dict(),
+        return {"algo": cfg["algo_name"], "learner": learner.state_dict(),  # collective in split mode
                 "member_configs": [to_dict(c) for c in cfg["members"]], "seeds": list(cfg["seeds"]),
                 "run_config": to_dict(run), "data": data, "metadata": meta}
 
+    lead = ctx.rank == 0
     k = algorithm.K
     last_eval: dict[str, Any] | None = None
+    last_metrics: dict[str, Any] = {}
     t_start = time.perf_counter()
     train_time, train_steps = 0.0, 0
     t0, s0 = time.perf_counter(), start
@@ -140,7 +182,7 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
         learner.step(step)
         logger.advance()
         if step % run.log_every == 0 or step == run.steps:
-            metrics = learner.pop_metrics()  # the one host sync of the interval
+            metrics = learner.pop_metrics()  # the one host sync of the interval (an all-reduce across workers)
             now = time.perf_counter()
             train_time += now - t0
             train_steps += step - s0
@@ -148,27 +190,44 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
             metrics["perf/updates_per_s"] = rate
             metrics["perf/member_updates_per_s"] = rate * k
             logger.log(step, metrics)
+            last_metrics = {"step": step, **metrics}
             t0, s0 = time.perf_counter(), step
         if step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
             tc = time.perf_counter()
-            ckpt.save(run_dir, step, payload(), keep=run.keep_checkpoints)
+            state = payload()
+            path = ckpt.save(run_dir, step, state, keep=run.keep_checkpoints) if lead else None
+            if ctx.report is not None:
+                ctx.report(step, last_metrics, path)
             t0 += time.perf_counter() - tc
-        evaluate_now = run.eval_episodes > 0 and (
+        evaluate_now = lead and run.eval_episodes > 0 and (
             step == run.steps or (run.eval_every and step % run.eval_every == 0))
         if evaluate_now:
             te = time.perf_counter()
-            last_eval = evaluate_members(algorithm, meta, run.eval_episodes, run.seed)
+            last_eval = _evaluate_aside(algorithm, meta, run.eval_episodes, run.seed)
             logger.log(step, {"eval/return_mean": last_eval["return_mean"],
                               "eval/return_std": last_eval["return_std"],
                               **({"eval/normalized_score": last_eval["normalized_score"]}
                                  if last_eval["normalized_score"][0] is not None else {})})
             t0 += time.perf_counter() - te
+    if not lead:
+        return None
     if start >= run.steps:  # resumed a finished run: nothing trained, evaluate what is there
-        last_eval = evaluate_members(algorithm, meta, run.eval_episodes, run.seed) if run.eval_episodes else None
+        last_eval = _evaluate_aside(algorithm, meta, run.eval_episodes, run.seed) if run.eval_episodes else None
     result = _result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
                      time.perf_counter() - t_start)
+    result["num_workers"] = ctx.world
     ckpt.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _evaluate_aside(algorithm, meta: dict[str, Any], episodes: int, seed: int) -> dict[str, Any]:
+    """Evaluate without touching the training noise stream (an algorithm that samples when it acts, e.g.
+    BCQ, would otherwise advance it: evaluating would change the training run, and on rank 0 only)."""
+    saved = algorithm.rng.get_state()
+    try:
+        return evaluate_members(algorithm, meta, episodes, seed)
+    finally:
+        algorithm.rng.set_state(saved)
 
 
 def _remove_new_run(run_dir: Path, created: bool) -> None:

@@ -1,0 +1,268 @@
+"""Training on Ray Train: N data-parallel workers run the one worker function (worker.run_training).
+
+The driver (`train_on_ray`) starts or joins Ray, checks that the cluster can place the workers at all (an
+error within seconds instead of a hang), decides replicate or split for data_mode auto, and runs a
+`TorchTrainer` whose per-worker function is `_worker_entry`: gloo on CPUs, NCCL on GPUs (Ray Train's
+TorchConfig picks the backend from use_gpu). Rank 0 writes the run directory as an in-process run would;
+every checkpoint it writes (today's atomic step_*.pt) is also reported to Ray Train, which keeps copies
+under RUN_DIR/ray_train/ and hands the newest back to the workers it restarts after a failure
+(`max_failures`). The driver shows progress by following RUN_DIR/metrics.jsonl, so Ray's worker logs stay
+out of the terminal.
+
+The run directory must be reachable by rank 0 and the driver under the same path (one machine, or shared
+storage such as NFS on a cluster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, RayOfflineError
+from .config import RunConfig
+from .logger import Progress
+from .worker import RunSpec, WorkerContext, _printer, open_dataset, run_training
+
+RAY_TRAIN_DIR = "ray_train"
+
+
+def dataset_bytes(meta: dict[str, Any]) -> int:
+    """Bytes the dataset takes as float32 tensors on a device (observations twice: obs and next_obs)."""
+    obs = 1
+    for d in (meta.get("observation_space") or {}).get("shape") or [meta.get("obs_dim", 1)]:
+        obs *= int(d)
+    act_space = meta.get("action_space") or {}
+    act = 1
+    for d in act_space.get("shape") or [1]:
+        act *= int(d)
+    return int(meta.get("num_transitions", 0)) * 4 * (2 * obs + act + 3)
+
+
+def choose_data_mode(run: RunConfig, meta: dict[str, Any], node_ram: float | None = None,
+                     gpu_memory: float | None = None) -> tuple[str, str]:
+    """(mode, reason) for run.data_mode; auto compares the dataset's size with the per-worker budget."""
+    if run.data_mode != "auto":
+        return run.data_mode, f"data_mode {run.data_mode} (configured)"
+    need = dataset_bytes(meta)
+    if run.memory_budget_gb > 0:
+        budget, where = run.memory_budget_gb * 2**30, f"memory_budget_gb {run.memory_budget_gb:g}"
+    elif run.gpus_per_worker > 0 and gpu_memory:
+        budget, where = gpu_memory / 2, "half a GPU's memory"
+    else:
+        ram = node_ram or float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        budget, where = ram / 2 / max(run.num_workers, 1), "half this machine's RAM per worker"
+    if need <= budget:
+        return "replicate", (f"data_mode auto -> replicate: the dataset ({need / 2**20:.0f} MiB) fits {where} "
+                             f"({budget / 2**20:.0f} MiB)")
+    return "split", (f"data_mode auto -> split: the dataset ({need / 2**20:.0f} MiB) exceeds {where} "
+                     f"({budget / 2**20:.0f} MiB); each worker loads its share of the shards")
+
+
+def connect(run: RunConfig) -> None:
+    """Join run.address (or $RAY_ADDRESS), else start a local Ray sized for the run's workers."""
+    import ray
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    address = run.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return
+    cpus = max(os.cpu_count() or 1, int(run.num_workers * run.cpus_per_worker + 0.999) + 2)
+    gpus = None
+    if run.gpus_per_worker > 0:
+        import torch
+        gpus = torch.cuda.device_count()
+    # a local Ray started for this run only: loopback, no dashboard, this user's session; see data/_ray.py
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def check_placement(run: RunConfig) -> None:
+    """Refuse a worker group the cluster can never place (Ray Train would wait for it forever)."""
+    import ray
+    total = ray.cluster_resources()
+    need = {"CPU": run.num_workers * run.cpus_per_worker, "GPU": run.num_workers * run.gpus_per_worker}
+    for res, amount in need.items():
+        if amount > total.get(res, 0.0) + 1e-9:
+            raise ConfigError(
+                f"num_workers {run.num_workers} x {res.lower()}s_per_worker "
+                f"{run.cpus_per_worker if res == 'CPU' else run.gpus_per_worker:g} needs {amount:g} {res}, but the "
+                f"Ray cluster has {total.get(res, 0.0):g}; use fewer workers or a larger cluster")
+    if run.gpus_per_worker > 0:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        per_node = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
+        if run.gpus_per_worker > per_node:
+            raise ConfigError(f"gpus_per_worker {run.gpus_per_worker:g}: no node has that many GPUs "
+                              f"(largest: {per_node:g})")
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: one rank of the run."""
+    import ray.train
+    import torch
+    spec: RunSpec = config["spec"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if torch.cuda.is_available() and spec.cfg["run"].gpus_per_worker > 0:
+        import dataclasses
+        run = spec.cfg["run"]
+        device = ray.train.torch.get_device()
+        spec.cfg = {**spec.cfg, "run": dataclasses.replace(run, device=str(device))}
+    restored = ray.train.get_checkpoint()
+    checkpoint = None
+    holder = None
+    if restored is not None:  # a restart after a failure: continue from the last reported checkpoint
+        holder = tempfile.mkdtemp(prefix="rayoffline-restore-")
+        with restored.as_directory() as d:
+            files = sorted(Path(d).glob("step_*.pt"))
+            if files:
+                checkpoint = str(shutil.copy2(files[-1], holder))
+
+    def report(step: int, metrics: dict[str, Any], path: Path | None) -> None:
+        flat = {"step": step, **{k: (v[0] if isinstance(v, list) and len(v) == 1 else v)
+                                 for k, v in metrics.items() if k != "step"}}
+        flat = {k: v for k, v in flat.items() if not isinstance(v, list)}
+        if path is None:
+            ray.train.report(flat)
+            return
+        with tempfile.TemporaryDirectory(prefix="rayoffline-ckpt-") as d:
+            try:
+                os.link(path, Path(d) / path.name)  # no copy on the same filesystem
+            except OSError:
+                shutil.copy2(path, Path(d) / path.name)
+            ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    try:
+        run_training(spec, WorkerContext(rank=rank, world=world, checkpoint=checkpoint, report=report))
+    finally:
+        if holder is not None:
+            shutil.rmtree(holder, ignore_errors=True)
+
+
+class _Follower:
+    """Shows progress on the driver from the rows rank 0 appends to metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, members: int, total: int, start: int, progress: str) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.view = Progress(members, total, start, progress)
+        self.last = start
+        self.offset = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _poll(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        lines = chunk.split("\n")
+        complete, rest = lines[:-1], lines[-1]
+        self.offset += len(chunk) - len(rest)
+        for line in complete:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            step = int(row.get("step", 0))
+            if step < self.last:  # a restart truncated the file: follow it from the checkpoint's step
+                self.last = step
+            if "perf/updates_per_s" in row:
+                self.view.advance(step - self.last)
+                self.last = step
+                self.view.show(row)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(1.0):
+            self._poll()
+
+    def __enter__(self) -> "_Follower":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._poll()
+        self.view.close()
+
+
+def _user_error(exc: BaseException) -> RayOfflineError | None:
+    """The RayOfflineError a worker raised, found inside Ray Train's failure wrappers."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RayOfflineError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+        todo += list((getattr(e, "worker_failures", None) or {}).values())
+        if hasattr(e, "as_instanceof_cause"):
+            try:
+                todo.append(e.as_instanceof_cause())
+            except Exception:  # pragma: no cover
+                pass
+    return None
+
+
+def train_on_ray(spec: RunSpec, start: int) -> dict[str, Any]:
+    """Run spec on run.num_workers Ray Train workers; returns rank 0's result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run: RunConfig = spec.cfg["run"]
+    run_dir = Path(spec.run_dir).absolute()
+    if run.gpus_per_worker == 0 and run.device.startswith("cuda"):
+        raise ConfigError("config key 'device': cuda needs gpus_per_worker > 0 for Ray Train workers")
+    connect(run)
+    check_placement(run)
+    data_dir, meta = open_dataset(spec.data)
+    mode, why = choose_data_mode(run, meta)
+    spec.data_mode = mode
+    spec.in_process = False
+    if mode == "split":
+        from ..data.load import dataset_file_rows
+        files = dataset_file_rows(data_dir, meta)
+        if len(files) < run.num_workers:
+            raise ConfigError(f"data_mode split: the dataset has {len(files)} shard files for {run.num_workers} "
+                              f"workers; convert it again with `rayoffline data convert ... --shards "
+                              f"{4 * run.num_workers}` (at least one file per worker, 4 per worker recommended)")
+    say = _printer(run.progress)
+    say(f"{spec.cfg['algo_name']}: {len(spec.cfg['members'])} member(s), {run.steps} steps of global batch "
+        f"{run.batch_size} on {run.num_workers} Ray Train workers ({run.cpus_per_worker:g} CPU"
+        + (f", {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "") + " each); " + why + f" -> {run_dir}")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        _worker_entry, train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.gpus_per_worker > 0,
+                                     resources_per_worker=resources, placement_strategy=run.placement.upper()),
+        run_config=RayRunConfig(storage_path=str(run_dir), name=RAY_TRAIN_DIR,
+                                failure_config=FailureConfig(max_failures=run.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints)))
+    try:
+        with _Follower(run_dir, len(spec.cfg["members"]), run.steps, start, run.progress):
+            trainer.fit()
+    except BaseException as e:
+        if not spec.resume and spec.checkpoint is None and not any((run_dir / "checkpoints").glob("step_*.pt")):
+            _remove_started(run_dir, created)
+        user = _user_error(e)
+        if user is not None:
+            raise type(user)(str(user)) from None
+        raise
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def _remove_started(run_dir: Path, created: bool) -> None:
+    from .worker import _remove_new_run
+    _remove_new_run(run_dir, created)
