@@ -126,3 +126,37 @@ def test_data_mode_auto_follows_the_memory_budget():
     mode, why = choose_data_mode(RunConfig(num_workers=2, memory_budget_gb=0.05), meta)
     assert mode == "split" and "exceeds" in why
     assert choose_data_mode(RunConfig(num_workers=2, data_mode="split"), meta)[0] == "split"
+
+
+def test_killed_driver_then_resume_continues(ray_cluster, tmp_path):
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rayoffline", "train", "--algo", "bc", "--data", "builtin:pendulum-medium",
+         "--steps", "100000", "--out", str(run), "--num-workers", "2", "--address", address,
+         "--set", "batch_size=64", "--set", "log_every=20", "--set", "checkpoint_every=40",
+         "--set", "eval_episodes=0", "--set", "algo.hidden=[32,32]", "--set", "progress=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((run / "checkpoints").glob("step_*.pt"))) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.kill()  # the driver dies mid-run; Ray ends the job's workers with it
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while _train_worker_pids() and time.monotonic() < deadline:  # Ray ends the dead driver's workers
+        time.sleep(0.5)
+    assert not _train_worker_pids()
+    saved = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.pt"))
+    # continue in this process (any worker count continues a replicate-mode run)
+    result = rayoffline.train(None, None, run, steps=saved[-1] + 40, resume=True, overrides={"num_workers": 0})
+    assert result["steps"] == saved[-1] + 40
+    steps = [r["step"] for r in _rows(run)]
+    assert steps == list(range(20, saved[-1] + 41, 20))
