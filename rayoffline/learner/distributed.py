@@ -103,6 +103,7 @@ def check_placement(run: RunConfig) -> None:
 
 def _worker_entry(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one rank of the run."""
+    import ray
     import ray.train
     import torch
     spec: RunSpec = config["spec"]
@@ -138,7 +139,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
             ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     try:
-        run_training(spec, WorkerContext(rank=rank, world=world, checkpoint=checkpoint, report=report))
+        run_training(spec, WorkerContext(rank=rank, world=world, checkpoint=checkpoint, report=report,
+                                         node=ray.get_runtime_context().get_node_id()))
     finally:
         if holder is not None:
             shutil.rmtree(holder, ignore_errors=True)

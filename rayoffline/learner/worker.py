@@ -83,6 +83,8 @@ class WorkerContext:
     world: int = 1
     checkpoint: str | None = None
     report: Callable[[int, dict[str, Any], Path | None], None] | None = None
+    node: str | None = None
+    """The Ray node this worker runs on (recorded in result.json's worker_nodes)."""
 
 
 class _Silent:
@@ -209,6 +211,10 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
                               **({"eval/normalized_score": last_eval["normalized_score"]}
                                  if last_eval["normalized_score"][0] is not None else {})})
             t0 += time.perf_counter() - te
+    nodes = [ctx.node]
+    if ctx.world > 1:
+        nodes = [None] * ctx.world
+        torch.distributed.all_gather_object(nodes, ctx.node)
     if not lead:
         return None
     if start >= run.steps:  # resumed a finished run: nothing trained, evaluate what is there
@@ -216,6 +222,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     result = _result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
                      time.perf_counter() - t_start)
     result["num_workers"] = ctx.world
+    if ctx.node is not None:
+        result["worker_nodes"] = nodes  # by rank
     ckpt.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return result
 

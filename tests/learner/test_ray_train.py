@@ -160,3 +160,20 @@ def test_killed_driver_then_resume_continues(ray_cluster, tmp_path):
     assert result["steps"] == saved[-1] + 40
     steps = [r["step"] for r in _rows(run)]
     assert steps == list(range(20, saved[-1] + 41, 20))
+
+
+def test_two_node_cluster_spreads_the_workers(ray_cluster, tmp_path):
+    """A 2-node cluster on loopback in its own process (the test session's Ray stays as it is)."""
+    import subprocess
+    import sys
+    from rayoffline import data
+    ds = tmp_path / "ds"
+    data.convert("builtin:pendulum-medium", ds, shards=4)  # split mode: each node's worker reads 2 files
+    res = subprocess.run([sys.executable, str(Path(__file__).with_name("_two_node_run.py")), str(ds),
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_ADDRESS": ""})
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["steps"] == 40 and out["num_workers"] == 2
+    assert len(out["cluster_nodes"]) == 2 and out["worker_nodes"] == out["cluster_nodes"]
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [20, 40]
