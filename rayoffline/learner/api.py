@@ -7,6 +7,7 @@ these return (rayoffline.learner.commands).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         >>> r = rayoffline.train("iql", "builtin:pendulum-medium", "runs/iql", steps=20000)
         >>> r["eval_return_mean"], r["normalized_score"]
     """
+    submitted = time.time()
     run_dir = Path(out)
     start = 0
     state = None
@@ -150,7 +152,7 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         cfg = build_config(algo, config, overrides, steps=steps, seed=seed)
     spec = RunSpec(cfg=cfg, data=data, run_dir=str(run_dir), resume=resume,
                    checkpoint=str(state_path) if state_path is not None else None, data_changes=history,
-                   data_changed_now=resume and change is not None)
+                   data_changed_now=resume and change is not None, submitted=submitted)
     if cfg["run"].num_workers > 0:
         from .distributed import train_on_ray
         return train_on_ray(spec, start)

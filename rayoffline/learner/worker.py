@@ -48,6 +48,8 @@ class RunSpec:
     """'replicate' or 'split' (resolved from RunConfig.data_mode by the driver)."""
     in_process: bool = True
     """True for the in-process run; False under Ray Train (the driver shows progress and cleans up)."""
+    submitted: float = 0.0
+    """time.time() when train() was called: result.json's time_to_first_update_s counts from it."""
 
 
 def open_dataset(data: str) -> tuple[Path, dict[str, Any]]:
@@ -150,7 +152,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
             logger = RunLogger(run_dir, algorithm.K, run.steps, start, run.progress if spec.in_process else "off")
         else:
             logger = _Silent()
-        result = _drive(run_dir, cfg, run, spec.data, meta, algorithm, learner, logger, start, ctx)
+        result = _drive(run_dir, cfg, run, spec.data, meta, algorithm, learner, logger, start, ctx, spec.submitted)
         finished_steps = run.steps - start
     except BaseException:
         if logger is not None:
@@ -167,7 +169,8 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
 
 
 def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: dict[str, Any], algorithm,
-           learner: Learner, logger: Any, start: int, ctx: WorkerContext) -> dict[str, Any] | None:
+           learner: Learner, logger: Any, start: int, ctx: WorkerContext,
+           spec_submitted: float = 0.0) -> dict[str, Any] | None:
     def payload() -> dict[str, Any]:
         return {"algo": cfg["algo_name"], "learner": learner.state_dict(),  # collective in split mode
                 "member_configs": [to_dict(c) for c in cfg["members"]], "seeds": list(cfg["seeds"]),
@@ -180,9 +183,12 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     t_start = time.perf_counter()
     train_time, train_steps = 0.0, 0
     t0, s0 = time.perf_counter(), start
+    first_update_s = None
     for step in range(start + 1, run.steps + 1):
         learner.step(step)
         logger.advance()
+        if first_update_s is None and spec_submitted:
+            first_update_s = time.time() - spec_submitted
         if step % run.log_every == 0 or step == run.steps:
             metrics = learner.pop_metrics()  # the one host sync of the interval (an all-reduce across workers)
             now = time.perf_counter()
@@ -222,6 +228,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     result = _result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
                      time.perf_counter() - t_start)
     result["num_workers"] = ctx.world
+    result["time_to_first_update_s"] = first_update_s  # from the train() call (start-up: Ray, data, networks)
+    result["first_update_at"] = spec_submitted + first_update_s if first_update_s is not None else None
     if ctx.node is not None:
         result["worker_nodes"] = nodes  # by rank
     ckpt.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
