@@ -26,7 +26,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from ray.data import DataContext
-    DataContext.get_current().enable_progress_bars = False
+    from rayoffline._ray import data_context
+    data_context().enable_progress_bars = False  # (without Ray 2.60's own DataContext deprecation warnings)
     yield ray
     ray.shutdown()

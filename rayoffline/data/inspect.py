@@ -54,14 +54,14 @@ def _flat(col, width: int) -> np.ndarray:
 def _scan(root: Path, meta: dict[str, Any]) -> _Stats:
     import pyarrow.parquet as pq
 
-    from .load import dataset_files
+    from .metadata import dataset_file_rows
 
     obs_dim = int(np.prod(meta["observation_space"]["shape"]))
     discrete = meta["action_space"]["type"] == "Discrete"
     act_dim = 1 if discrete else int(np.prod(meta["action_space"]["shape"]))
     st = _Stats()
     cols = ["observations", "actions", "rewards", "terminations", "truncations", "episode_id", "step"]
-    for f in dataset_files(root, meta):  # checked against metadata.json: a missing shard is an error
+    for f, _ in dataset_file_rows(root, meta):  # checked against metadata.json: a missing shard is an error
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:  # noqa: BLE001
@@ -102,7 +102,7 @@ def _fmt(x: float) -> str:
 
 def summarize(path: str | os.PathLike) -> dict[str, Any]:
     """The numbers behind the report (also useful to tests and notebooks)."""
-    from .load import load_metadata
+    from .metadata import read_metadata as load_metadata
 
     root = Path(path)
     meta = load_metadata(root)

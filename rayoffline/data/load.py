@@ -17,15 +17,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
-from ..batch import FIELDS, Batch
 from ..errors import ConfigError, DataError
 from .metadata import dataset_file_rows, read_metadata
-from .schema import METADATA_FILE
+from .schema import COLUMNS, METADATA_FILE
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..batch import Batch
+
+FIELDS = COLUMNS[:6]
+"""The Batch fields in Batch order (rayoffline.batch.FIELDS, a test checks): named here so that importing the
+data layer (every `rayoffline data` command) does not import torch, which alone costs more than a second."""
 
 _FLOAT_FIELDS = ("observations", "next_observations")
 
@@ -176,6 +183,10 @@ def _read_segment(seg: Segment, columns: list[str]):
 
 
 def _to_batch(arrays: dict[str, np.ndarray], device: torch.device | str) -> Batch:
+    import torch
+
+    from ..batch import Batch
+
     return Batch(**{k: torch.from_numpy(v).to(device) for k, v in arrays.items()})
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from rayoffline.cli import main
 from rayoffline.data import append, convert
+from rayoffline.errors import DataWarning
 
 from ._convert_helpers import episodes, make_minari, write_hdf5, write_parquet
 
@@ -331,7 +332,8 @@ def digest(root: Path) -> dict:
 def test_bad_appends_leave_dataset_unchanged(capsys, tmp_path, ray_cluster):
     src = write_parquet(tmp_path / "a.parquet", good_columns(obs_dim=3, act_dim=2))
     ds = tmp_path / "ds"
-    convert(str(src), ds, shards=2)
+    with pytest.warns(DataWarning, match="dropped"):  # rows without a next observation
+        convert(str(src), ds, shards=2)
     before = digest(ds)
 
     wrong_dim = write_parquet(tmp_path / "b.parquet", good_columns(obs_dim=5, act_dim=2))

@@ -16,7 +16,7 @@ import pytest
 
 from rayoffline.data import append, convert, read_metadata
 from rayoffline.data.schema import COLUMNS, SCHEMA_VERSION
-from rayoffline.errors import DataError
+from rayoffline.errors import DataError, DataWarning
 
 from ._convert_helpers import (episodes, flat_rows, make_minari, read_converted, write_hdf5,
                                write_parquet)
@@ -223,7 +223,8 @@ def test_hdf5_without_next_observations_derives_them(ray_cluster, tmp_path):
     r, cols = d4rl_columns(eps)
     path = write_hdf5(tmp_path / "d4rl.hdf5", cols)
     out = tmp_path / "out"
-    meta = convert(str(path), out, shards=2)
+    with pytest.warns(DataWarning, match="dropped"):  # rows without a next observation
+        meta = convert(str(path), out, shards=2)
     check_layout(out, meta, shards=2)
     rows = read_converted(out)
     check_stats(meta, rows)
@@ -278,7 +279,8 @@ def test_hdf5_env_id_attribute_gives_spaces(ray_cluster, tmp_path):
     path = write_hdf5(tmp_path / "d.hdf5", cols)
     with h5py.File(path, "a") as f:
         f.attrs["env_id"] = "Pendulum-v1"
-    meta = convert(str(path), tmp_path / "out", shards=1)
+    with pytest.warns(DataWarning, match="dropped"):  # rows without a next observation
+        meta = convert(str(path), tmp_path / "out", shards=1)
     assert meta["env_id"] == "Pendulum-v1" and json.loads(meta["env_spec"])["id"] == "Pendulum-v1"
     assert meta["action_space"] == {"type": "Box", "shape": [1], "low": [-2.0], "high": [2.0]}
     assert meta["observation_space"]["high"] == [1.0, 1.0, 8.0]

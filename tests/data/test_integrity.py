@@ -323,3 +323,74 @@ def test_figure_integer_counts_constant_lengths_action_units_and_panels(tmp_path
     lo, hi = actions.get_xlim()
     assert lo < -2.0 and hi > 2.0 and hi - lo < 5  # action units with room for the bounds, not [0, 1]
     assert obs.get_xlim()[1] > 2 and len(obs.collections) >= 1  # a mark per observation dimension
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 15: small partitions are written without starting Ray, by the same writer, into the same files
+
+def test_ray_and_in_process_writes_make_the_same_files(ray_cluster, tmp_path, monkeypatch):
+    import importlib
+
+    from rayoffline.data import convert
+
+    conv = importlib.import_module("rayoffline.data.convert")  # the module (rayoffline.data.convert is the function)
+    src = tmp_path / "log.parquet"
+    import pyarrow.csv as pcsv
+    t = pcsv.read_csv(csv_source(tmp_path / "log.csv", n=40))
+    pq.write_table(t.append_column("nx", t.column("obs_0")).append_column("ny", t.column("obs_1"))
+                   .append_column("nz", t.column("obs_2")), src)
+    mapping = {"observations": "obs_*", "actions": "act", "rewards": "rew", "terminations": "done",
+               "episode_id": "ep", "next_observations": ["nx", "ny", "nz"]}
+    calls = []
+    real = conv._write_through_ray
+    monkeypatch.setattr(conv, "_write_through_ray", lambda *a: (calls.append(1), real(*a)))
+    convert(str(src), tmp_path / "local", shards=3, mapping=mapping)
+    assert calls == []  # 40 rows: no Ray
+    monkeypatch.setattr(conv, "LOCAL_WRITE_MAX_BYTES", 0)
+    convert(str(src), tmp_path / "ray", shards=3, mapping=mapping)
+    assert calls == [1]
+    assert digest(tmp_path / "local") == digest(tmp_path / "ray")  # byte for byte, metadata.json included
+    assert sorted(digest(tmp_path / "ray")) == ["metadata.json"] + [f"part-00000/shard-0000{i}.parquet" for i in range(3)]
+    for root in ("local", "ray"):
+        assert len({mode(p) for p in (tmp_path / root).rglob("*") if p.is_file()}) == 1  # one mode for all files
+
+
+def test_small_convert_in_a_subprocess_does_not_start_ray(tmp_path):
+    import subprocess
+    import sys
+
+    src = csv_source(tmp_path / "log.csv", n=100)
+    code = ("import sys; from rayoffline.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "data", "convert", str(src), "--out", str(tmp_path / "o"),
+                        "--map", CSV_MAP], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"wrote 99 transitions in 2 episodes to {tmp_path / 'o'}\n"
+    assert len(load(tmp_path / "o").rewards) == 99
+
+
+def test_data_fields_match_batch():
+    from rayoffline.batch import FIELDS
+    from rayoffline.data.load import FIELDS as DATA_FIELDS
+
+    assert DATA_FIELDS == FIELDS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# item 12: a conversion through Ray says nothing about Ray on the terminal
+
+def test_convert_through_ray_prints_no_ray_notices(tmp_path):
+    import subprocess
+    import sys
+
+    src = csv_source(tmp_path / "log.csv", n=40)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a user's shell: no RAY_AUTH_MODE
+    env.update(RAYOFFLINE_LOCAL_WRITE_MAX_BYTES="0",  # through Ray Data even though the data is small
+               HOME=str(tmp_path))  # Ray keeps its auth token under ~/.ray: not in the real home
+    r = subprocess.run([sys.executable, "-m", "rayoffline", "data", "convert", str(src), "--out", str(tmp_path / "o"),
+                        "--shards", "2", "--map", CSV_MAP + ",next_observations=obs_*"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"wrote 40 transitions in 2 episodes to {tmp_path / 'o'}\n"
+    assert r.stderr == ""  # no token-auth notice, no "Progress bars disabled", no Ray Data progress lines
+    assert len(load(tmp_path / "o").rewards) == 40
