@@ -25,36 +25,17 @@ from typing import Any
 from ..errors import ConfigError, RayOfflineError
 from .config import RunConfig
 from .logger import Progress
-from .worker import RunSpec, WorkerContext, _printer, open_dataset, run_training
+from .worker import RunSpec, WorkerContext, _printer, dataset_bytes, memory_budget, open_dataset, run_training
 
 RAY_TRAIN_DIR = "ray_train"
 
 
-def dataset_bytes(meta: dict[str, Any]) -> int:
-    """Bytes the dataset takes as float32 tensors on a device (observations twice: obs and next_obs)."""
-    obs = 1
-    for d in (meta.get("observation_space") or {}).get("shape") or [meta.get("obs_dim", 1)]:
-        obs *= int(d)
-    act_space = meta.get("action_space") or {}
-    act = 1
-    for d in act_space.get("shape") or [1]:
-        act *= int(d)
-    return int(meta.get("num_transitions", 0)) * 4 * (2 * obs + act + 3)
-
-
-def choose_data_mode(run: RunConfig, meta: dict[str, Any], node_ram: float | None = None,
-                     gpu_memory: float | None = None) -> tuple[str, str]:
+def choose_data_mode(run: RunConfig, meta: dict[str, Any], gpu_memory: float | None = None) -> tuple[str, str]:
     """(mode, reason) for run.data_mode; auto compares the dataset's size with the per-worker budget."""
     if run.data_mode != "auto":
         return run.data_mode, f"data_mode {run.data_mode} (configured)"
     need = dataset_bytes(meta)
-    if run.memory_budget_gb > 0:
-        budget, where = run.memory_budget_gb * 2**30, f"memory_budget_gb {run.memory_budget_gb:g}"
-    elif run.gpus_per_worker > 0 and gpu_memory:
-        budget, where = gpu_memory / 2, "half a GPU's memory"
-    else:
-        ram = node_ram or float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        budget, where = ram / 2 / max(run.num_workers, 1), "half this machine's RAM per worker"
+    budget, where = memory_budget(run, run.num_workers if run.gpus_per_worker == 0 else 1, gpu_memory)
     if need <= budget:
         return "replicate", (f"data_mode auto -> replicate: the dataset ({need / 2**20:.0f} MiB) fits {where} "
                              f"({budget / 2**20:.0f} MiB)")
@@ -228,7 +209,11 @@ def train_on_ray(spec: RunSpec, start: int) -> dict[str, Any]:
     connect(run)
     check_placement(run)
     data_dir, meta = open_dataset(spec.data)
-    mode, why = choose_data_mode(run, meta)
+    gpu = None
+    if run.gpus_per_worker > 0:
+        import torch
+        gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    mode, why = choose_data_mode(run, meta, gpu)
     spec.data_mode = mode
     spec.in_process = False
     if mode == "split":

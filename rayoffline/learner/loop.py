@@ -63,12 +63,15 @@ class Learner:
     - mode "split": every worker holds its own share of the data and draws from streams of its own.
     """
 
-    def __init__(self, algorithm: Algorithm, data: Batch, batch_size: int, mode: str = "replicate") -> None:
+    def __init__(self, algorithm: Algorithm, data: Batch | Any, batch_size: int, mode: str = "replicate") -> None:
+        """data: a Batch of this worker's transitions on the device, or a WindowedData (out-of-core: its
+        current window is the data, swapped for the next one as the steps use it up)."""
         if mode not in ("replicate", "split"):
             raise ValueError(f"mode must be 'replicate' or 'split', got {mode!r}")
         self.algorithm = algorithm
-        self.data = data
-        self.n = int(data.rewards.shape[0])
+        self.source = None if isinstance(data, Batch) else data
+        self.data = data if self.source is None else self.source.data
+        self.n = int(self.data.rewards.shape[0])
         self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         self.rank = torch.distributed.get_rank() if self._distributed else 0
@@ -109,6 +112,9 @@ class Learner:
             self._accumulate(f"loss/{group}", loss.detach())
             for name, value in metrics.items():
                 self._accumulate(f"train/{name}", value)
+        if self.source is not None and self.source.after_step():
+            self.data = self.source.data
+            self.n = int(self.data.rewards.shape[0])
 
     def _accumulate(self, key: str, value: torch.Tensor) -> None:
         # counted per key: a group that does not update every step (TD3+BC's delayed actor) is averaged over

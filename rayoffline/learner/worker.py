@@ -9,6 +9,7 @@ first update leaves the directory as it found it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,23 @@ class RunSpec:
     """True for the in-process run; False under Ray Train (the driver shows progress and cleans up)."""
     submitted: float = 0.0
     """time.time() when train() was called: result.json's time_to_first_update_s counts from it."""
+
+
+def dataset_bytes(meta: dict[str, Any]) -> int:
+    """Bytes the dataset takes as loaded tensors (float32 observations twice, actions, reward and flags)."""
+    from ..data.window import row_bytes
+    return int(meta.get("num_transitions", 0)) * row_bytes(meta)
+
+
+def memory_budget(run: RunConfig, workers: int, gpu_memory: float | None = None) -> tuple[float, str]:
+    """(bytes, how it was chosen): the memory one worker may give its data. memory_budget_gb when set; else
+    half a GPU's memory for GPU workers, half this machine's RAM shared by `workers` for CPU ones."""
+    if run.memory_budget_gb > 0:
+        return run.memory_budget_gb * 2**30, f"memory_budget_gb {run.memory_budget_gb:g}"
+    if gpu_memory:
+        return gpu_memory / 2, "half a GPU's memory"
+    ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return ram / 2 / max(workers, 1), "half this machine's RAM" + (" per worker" if workers > 1 else "")
 
 
 def open_dataset(data: str) -> tuple[Path, dict[str, Any]]:
@@ -120,9 +138,20 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
 
     from .. import data as data_mod
     split = spec.data_mode == "split" and ctx.world > 1
-    batch = data_mod.load(data_dir, rank=ctx.rank if split else 0, world_size=ctx.world if split else 1,
-                          device=device)
-    learner = Learner(algorithm, batch, run.batch_size, mode=spec.data_mode)
+    rank, world = (ctx.rank, ctx.world) if split else (0, 1)
+    share = dataset_bytes(meta) / world
+    gpu = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    budget, why = memory_budget(run, ctx.world if device.type == "cpu" else 1, gpu)
+    if share > budget:  # out-of-core: a window of the share in memory, refilled in the background
+        from ..data.window import WindowedData
+        data: Any = WindowedData(data_dir, rank, world, int(budget), run.batch_size // ctx.world, device=device)
+        say_later = (f"out-of-core: this worker's share ({share / 2**20:.0f} MiB) exceeds {why} "
+                     f"({budget / 2**20:.0f} MiB); training on windows of {data.window_rows} transitions, "
+                     f"{data.steps_per_window} steps each, the next read in the background")
+    else:
+        data = data_mod.load(data_dir, rank=rank, world_size=world, device=device)
+        say_later = None
+    learner = Learner(algorithm, data, run.batch_size, mode=spec.data_mode)
     start = 0
     checkpoint = ctx.checkpoint or spec.checkpoint
     if checkpoint is not None:
@@ -140,6 +169,8 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
         f"{run.batch_size} on {meta.get('num_transitions')} transitions, {device.type}"
         + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "") + f" -> {run_dir}")
 
+    if say_later:
+        say(say_later)
     created = not run_dir.exists()
     fresh = spec.in_process and not spec.resume and checkpoint is None
     finished_steps = 0
