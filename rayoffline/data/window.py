@@ -29,11 +29,10 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.parquet as pq
 import torch
 
 from ..batch import FIELDS, Batch
-import pyarrow.parquet as pq
-
 from .load import _reader_reserve, iter_chunks, load_metadata
 from .metadata import dataset_file_rows
 
