@@ -44,23 +44,19 @@ def choose_data_mode(run: RunConfig, meta: dict[str, Any], gpu_memory: float | N
 
 
 def connect(run: RunConfig) -> None:
-    """Join run.address (or $RAY_ADDRESS), else start a local Ray sized for the run's workers."""
+    """Join run.address (or $RAY_ADDRESS), else start a local Ray sized for the run's workers, with Ray's
+    logs in its session directory rather than on the terminal (rayoffline._ray)."""
     import ray
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    address = run.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        return
+    from .._ray import ensure_ray
     cpus = max(os.cpu_count() or 1, int(run.num_workers * run.cpus_per_worker + 0.999) + 2)
     gpus = None
     if run.gpus_per_worker > 0:
         import torch
         gpus = torch.cuda.device_count()
-    # a local Ray started for this run only: loopback, no dashboard, this user's session; see data/_ray.py
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ensure_ray(num_cpus=cpus, address=run.address or None, num_gpus=gpus)
 
 
 def check_placement(run: RunConfig) -> None:
