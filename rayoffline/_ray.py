@@ -17,7 +17,8 @@ from pathlib import Path
 DRIVER_LOG = "rayoffline-driver.log"
 
 
-def ensure_ray(num_cpus: int | None = None, address: str | None = None, num_gpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, address: str | None = None, num_gpus: int | None = None,
+               log_to_driver: bool = False) -> None:
     """Join the cluster at RAY_ADDRESS if set, else start a local instance of our own (no dashboard); either way
     Ray's logs go to files, not the terminal (module docstring).
 
@@ -30,7 +31,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, num_gpus
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # `address`: a training run's --address (auto, ray://HOST:10001); else $RAY_ADDRESS
-        _logs_to_file(lambda: ray.init(address=address, log_to_driver=False, configure_logging=False))
+        _logs_to_file(lambda: ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False))
         _configure_data_context()
         return
     # Token authentication: Ray 2.60 enables it for every new local instance (creating ~/.ray/auth_token if
@@ -45,7 +46,7 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, num_gpus
     # address="local": a new instance of our own even when another one runs on this machine (ray.init() would
     # join the last one `ray start` or a test cluster left behind, and refuse num_cpus)
     _logs_to_file(lambda: ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False,
-                                   log_to_driver=False, configure_logging=False))
+                                   log_to_driver=log_to_driver, configure_logging=False))
     _configure_data_context()
 
 

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "replicate when it fits memory_budget_gb")
     r.add_argument("--max-failures", type=int, default=None, metavar="M",
                    help="restarts from the last checkpoint after a worker dies (default 0)")
+    r.add_argument("--verbose", action="store_true",
+                   help="show Ray's logs and the workers' output (always kept in RUN_DIR/ray.log and Ray's session "
+                        "directory)")
     r.add_argument("--address", default=None,
                    help="Ray cluster to join: auto or ray://HOST:10001 (default: $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--allow-data-change", action="store_true",

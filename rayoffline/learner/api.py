@@ -72,7 +72,8 @@ def _check_data_identity(run_dir: Path, saved_data: str, given: str | None, save
 
 def train(algo: str | None, data: str | None, out: str | Path, steps: int | None = None,
           config: dict[str, Any] | str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
-          seed: int | None = None, resume: bool = False, allow_data_change: bool = False) -> dict[str, Any]:
+          seed: int | None = None, resume: bool = False, allow_data_change: bool = False,
+          verbose: bool = False) -> dict[str, Any]:
     """Train an offline RL algorithm on a converted dataset; returns the result (also OUT/result.json).
 
     Args:
@@ -90,6 +91,8 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
             extend it; run settings such as log_every may change; algorithm, data and seeds may not).
         allow_data_change: with resume=True, continue although the dataset's content changed since the run
             started (the change is recorded in config.yaml under data_changes).
+        verbose: Ray Train runs: show Ray's own logs and the workers' output on the terminal (they always go
+            to RUN_DIR/ray.log and Ray's session directory).
 
     Returns:
         dict with eval_return_mean/std and normalized_score of the best member, `members` (one entry per
@@ -155,7 +158,7 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
                    data_changed_now=resume and change is not None, submitted=submitted)
     if cfg["run"].num_workers > 0:
         from .distributed import train_on_ray
-        return train_on_ray(spec, start)
+        return train_on_ray(spec, start, verbose=verbose)
     return run_training(spec)
 
 

@@ -69,7 +69,8 @@ def train_from_cli(args: argparse.Namespace) -> int:
                  "max_failures": args.max_failures, "address": args.address}
     overrides = list(args.set) + [f"{k}={v}" for k, v in ray_flags.items() if v is not None]
     result = train(args.algo, args.data, args.out, steps=args.steps, config=args.config, overrides=overrides,
-                   seed=args.seed, resume=args.resume, allow_data_change=args.allow_data_change)
+                   seed=args.seed, resume=args.resume, allow_data_change=args.allow_data_change,
+                   verbose=args.verbose)
     print(format_result(result, args.out))
     return 0
 

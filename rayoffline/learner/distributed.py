@@ -15,6 +15,7 @@ storage such as NFS on a cluster).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -43,7 +44,25 @@ def choose_data_mode(run: RunConfig, meta: dict[str, Any], gpu_memory: float | N
                      f"({budget / 2**20:.0f} MiB); each worker loads its share of the shards")
 
 
-def connect(run: RunConfig) -> None:
+def _ray_log_in_run_dir(run_dir: Path, verbose: bool) -> logging.Handler:
+    """Ray's driver-side log records (the `ray` logger: Train controller messages, warnings) into
+    RUN_DIR/ray.log; with verbose also on stderr."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "ray.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lg = logging.getLogger("ray")
+    lg.addHandler(handler)
+    if lg.level == logging.NOTSET or lg.level > logging.INFO:
+        lg.setLevel(logging.INFO)
+    from .._ray import _session_logs
+    lg.info("Ray session logs (Train controller, workers, raylet): %s", _session_logs())
+    if verbose and not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                           for h in lg.handlers):
+        lg.addHandler(logging.StreamHandler())
+    return handler
+
+
+def connect(run: RunConfig, verbose: bool = False) -> None:
     """Join run.address (or $RAY_ADDRESS), else start a local Ray sized for the run's workers, with Ray's
     logs in its session directory rather than on the terminal (rayoffline._ray)."""
     import ray
@@ -56,7 +75,7 @@ def connect(run: RunConfig) -> None:
     if run.gpus_per_worker > 0:
         import torch
         gpus = torch.cuda.device_count()
-    ensure_ray(num_cpus=cpus, address=run.address or None, num_gpus=gpus)
+    ensure_ray(num_cpus=cpus, address=run.address or None, num_gpus=gpus, log_to_driver=verbose)
 
 
 def check_placement(run: RunConfig) -> None:
@@ -193,8 +212,9 @@ def _user_error(exc: BaseException) -> RayOfflineError | None:
     return None
 
 
-def train_on_ray(spec: RunSpec, start: int) -> dict[str, Any]:
-    """Run spec on run.num_workers Ray Train workers; returns rank 0's result."""
+def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, Any]:
+    """Run spec on run.num_workers Ray Train workers; returns rank 0's result. Ray's driver-side logs go to
+    RUN_DIR/ray.log (and with verbose=True to the terminal too, with the workers' output)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -202,7 +222,8 @@ def train_on_ray(spec: RunSpec, start: int) -> dict[str, Any]:
     run_dir = Path(spec.run_dir).absolute()
     if run.gpus_per_worker == 0 and run.device.startswith("cuda"):
         raise ConfigError("config key 'device': cuda needs gpus_per_worker > 0 for Ray Train workers")
-    connect(run)
+    connect(run, verbose)
+    log_handler = _ray_log_in_run_dir(run_dir, verbose)
     check_placement(run)
     data_dir, meta = open_dataset(spec.data)
     gpu = None
@@ -243,6 +264,9 @@ def train_on_ray(spec: RunSpec, start: int) -> dict[str, Any]:
         if user is not None:
             raise type(user)(str(user)) from None
         raise
+    finally:
+        logging.getLogger("ray").removeHandler(log_handler)
+        log_handler.close()
     return json.loads((run_dir / "result.json").read_text())
 
 
