@@ -9,6 +9,10 @@ batch; time to first update is measured from just before the command is launched
 update finished (result.json's first_update_at). Repeated `--repeats` times; medians reported.
 
     python benchmarks/scaling.py [--algos td3_bc,iql] [--steps 1500] [--repeats 3] [--readme]
+    python benchmarks/scaling.py --gpu [--algos cql,iql] [--json OUT.json]   # on a GPU machine
+
+--gpu compares one Ray Train GPU worker with the in-process run on the same GPU (updates/s; target: the
+worker's overhead <= 5%).
 """
 from __future__ import annotations
 
@@ -47,13 +51,16 @@ def make_dataset(root: Path) -> Path:
     return out
 
 
-def run_once(algo: str, ds: Path, workers: int, steps: int, out: Path) -> dict:
+def run_once(algo: str, ds: Path, workers: int, steps: int, out: Path, gpu: bool = False) -> dict:
     args = [sys.executable, "-m", "rayoffline", "train", "--algo", algo, "--data", str(ds), "--out", str(out),
             "--steps", str(steps), "--set", f"batch_size={256 * max(workers, 1)}", "--set", "eval_episodes=0",
             "--set", "log_every=100", "--set", "checkpoint_every=0", "--set", "threads=1",
-            "--set", "algo.hidden=[256,256]", "--set", "progress=off"]
+            "--set", "algo.hidden=[256,256]", "--set", "progress=off",
+            "--set", f"device={'cuda' if gpu else 'cpu'}"]
     if workers:
         args += ["--num-workers", str(workers), "--data-mode", "replicate"]
+        if gpu:
+            args += ["--gpus-per-worker", "1", "--set", "device=cuda"]
     launched = time.time()
     subprocess.run(args, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     result = json.loads((out / "result.json").read_text())
@@ -65,11 +72,16 @@ def run_once(algo: str, ds: Path, workers: int, steps: int, out: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--algos", default="td3_bc,iql")
+    ap.add_argument("--algos", default=None, help="default: td3_bc,iql (CPU), cql,iql (--gpu)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--readme", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="in-process vs one Ray Train worker on the same GPU")
+    ap.add_argument("--json", default=None, help="also write the figures as JSON here")
     args = ap.parse_args()
+    args.algos = args.algos or ("cql,iql" if args.gpu else "td3_bc,iql")
+    if args.gpu:
+        return gpu_main(args)
     from benchmarks.throughput import machine
     load0 = os.getloadavg()[0]
     rows = []
@@ -105,6 +117,29 @@ def main() -> None:
         else:
             text = text.rstrip() + "\n\n" + block + "\n"
         readme.write_text(text)
+
+
+def gpu_main(args) -> None:
+    import torch
+    from benchmarks.throughput import machine
+    gpu_name = torch.cuda.get_device_name(0)
+    out = {"machine": machine(), "gpu": gpu_name, "steps": args.steps, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = make_dataset(Path(tmp))
+        for algo in args.algos.split(","):
+            row = {"algo": algo}
+            for workers in (0, 1):
+                runs = [run_once(algo, ds, workers, args.steps, Path(tmp) / f"{algo}-{workers}-{i}", gpu=True)
+                        for i in range(args.repeats)]
+                row["in_process" if workers == 0 else "ray_train_1_gpu"] = {
+                    "updates_per_s": statistics.median(r["transitions_per_s"] / 256 for r in runs),
+                    "first_update_s": statistics.median(r["first_update_s"] for r in runs)}
+            row["overhead_pct"] = 100 * (1 - row["ray_train_1_gpu"]["updates_per_s"]
+                                         / row["in_process"]["updates_per_s"])
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
