@@ -223,7 +223,6 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
     if run.gpus_per_worker == 0 and run.device.startswith("cuda"):
         raise ConfigError("config key 'device': cuda needs gpus_per_worker > 0 for Ray Train workers")
     connect(run, verbose)
-    log_handler = _ray_log_in_run_dir(run_dir, verbose)
     check_placement(run)
     data_dir, meta = open_dataset(spec.data)
     gpu = None
@@ -245,7 +244,7 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
         f"{run.batch_size} on {run.num_workers} Ray Train workers ({run.cpus_per_worker:g} CPU"
         + (f", {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "") + " each); " + why + f" -> {run_dir}")
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    log_handler = _ray_log_in_run_dir(run_dir, verbose)  # creates run_dir
     resources = {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker else {})}
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"spec": spec},
