@@ -134,12 +134,20 @@ def _worker_entry(config: dict[str, Any]) -> None:
                 shutil.copy2(path, Path(d) / path.name)
             ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(d))
 
+    node = ray.get_runtime_context().get_node_id()
     try:
-        run_training(spec, WorkerContext(rank=rank, world=world, checkpoint=checkpoint, report=report,
-                                         node=ray.get_runtime_context().get_node_id()))
+        run_training(spec, WorkerContext(rank=rank, world=world, checkpoint=checkpoint, report=report, node=node))
+    except RayOfflineError as e:  # e.g. a dataset path this node cannot read: say where it happened
+        raise on_worker(e, rank, ray.util.get_node_ip_address(), node) from None
     finally:
         if holder is not None:
             shutil.rmtree(holder, ignore_errors=True)
+
+
+def on_worker(error: RayOfflineError, rank: int, ip: str, node_id: str) -> RayOfflineError:
+    """The same error, saying which worker and node raised it (a path the driver reads may be missing on a
+    worker's node: the run directory and datasets must be on storage every node sees)."""
+    return type(error)(f"{error} (on Ray Train worker rank {rank}, node {ip}, id {node_id[:12]})")
 
 
 class _Follower:
@@ -222,9 +230,12 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
     run_dir = Path(spec.run_dir).absolute()
     if run.gpus_per_worker == 0 and run.device.startswith("cuda"):
         raise ConfigError("config key 'device': cuda needs gpus_per_worker > 0 for Ray Train workers")
+    data_dir, meta = open_dataset(spec.data)
+    if run.eval_episodes:  # rank 0 evaluates at the end: fail before starting anything if it cannot
+        from ..evaluation.rollout import make_env
+        make_env(meta.get("env_id"), meta.get("env_spec"))
     connect(run, verbose)
     check_placement(run)
-    data_dir, meta = open_dataset(spec.data)
     gpu = None
     if run.gpus_per_worker > 0:
         import torch

@@ -177,3 +177,21 @@ def test_two_node_cluster_spreads_the_workers(ray_cluster, tmp_path):
     assert out["steps"] == 40 and out["num_workers"] == 2
     assert len(out["cluster_nodes"]) == 2 and out["worker_nodes"] == out["cluster_nodes"]
     assert [r["step"] for r in _rows(tmp_path / "run")] == [20, 40]
+
+
+def test_worker_errors_name_the_rank_and_node():
+    from rayoffline.errors import DataError
+    from rayoffline.learner.distributed import _user_error, on_worker
+    e = on_worker(DataError("/data/hopper: no such dataset directory"), 1, "10.0.0.7", "f" * 56)
+    assert isinstance(e, DataError)
+    assert str(e) == "/data/hopper: no such dataset directory (on Ray Train worker rank 1, node 10.0.0.7, id ffffffffffff)"
+
+    class Wrapped(Exception):  # Ray Train's failure wrappers keep the worker's exception as a cause
+        pass
+    try:
+        try:
+            raise e
+        except DataError as inner:
+            raise Wrapped("worker group failed") from inner
+    except Wrapped as outer:
+        assert _user_error(outer) is e
