@@ -40,7 +40,7 @@ class RunConfig:
     """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     threads: int = 0
     """torch intra-op threads on CPU; 0 (auto): 1, or the CPUs Ray allots when the run is a Ray task or actor
-    (more threads slowed runs 2-30x beside one busy process; see benchmarks/threads.py)."""
+    (2 threads: 1.3-2x faster alone, 1.6-4x slower beside one busy process; benchmarks/threads.py)."""
     log_every: int = 1000
     """Fetch metrics from the device, write TensorBoard/metrics.jsonl every this many steps."""
     eval_every: int = 0

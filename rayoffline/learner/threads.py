@@ -1,11 +1,12 @@
 """How many CPU threads a run gives torch.
 
 `threads: 0` (the default) means one thread on a machine of its own, or the CPU allotment of the Ray task
-or actor the run executes in. Measured by benchmarks/threads.py (README, "CPU threads"): on the 2-core
-development machine a second intra-op thread bought at most 1.1-1.3x alone, and cost 2-30x as soon as one
-other process kept a core busy, because torch's OpenMP threads wait for each other at every kernel of an
-update made of hundreds of small kernels. One thread is what the learner's kernels use well; more threads
-are for a machine the run has to itself, asked for explicitly (`threads: N`).
+or actor the run executes in. Measured by benchmarks/threads.py (README, "CPU threads"; 2-core machine,
+td3_bc and iql, K=1 and K=16): a second intra-op thread gained 1.3-2x alone, and lost 1.6-4x as soon as one
+other process kept a core busy, while one thread kept its speed: torch's OpenMP threads wait for each other
+at every kernel of an update made of hundreds of small kernels, so one descheduled thread stalls them all.
+The default is the one that never collapses; more threads are for a machine the run has to itself, asked
+for explicitly (`threads: N`).
 """
 from __future__ import annotations
 
