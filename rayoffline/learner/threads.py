@@ -1,6 +1,6 @@
 """How many CPU threads a run gives torch.
 
-`threads: 0` (the default) means one thread on a machine of its own, or the CPU allotment of the Ray task
+`threads: 0` (the default) means one thread, or the CPU allotment of the Ray task
 or actor the run executes in. Measured by benchmarks/threads.py (README, "CPU threads"; 2-core machine,
 td3_bc and iql, K=1 and K=16): a second intra-op thread gained 1.3-2x alone, and lost 1.6-4x as soon as one
 other process kept a core busy, while one thread kept its speed: torch's OpenMP threads wait for each other
