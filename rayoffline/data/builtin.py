@@ -370,34 +370,40 @@ def converted_path(name: str) -> Path:
     return cache_root() / "converted" / dataset_id(name)
 
 
-def resolve(spec: str | os.PathLike) -> Path:
-    """A converted dataset directory for `spec`: a directory holding metadata.json, or `builtin:NAME`
-    (built and converted into the cache on first use)."""
+def resolve(spec: str | os.PathLike) -> Path | str:
+    """A converted dataset directory for `spec`: a directory holding the dataset metadata (a local path, returned
+    as a Path, or a filesystem URI such as s3://bucket/ds, returned as given), or `builtin:NAME` (built and
+    converted into the cache on first use)."""
+    from .metadata import has_metadata
+    from .storage import locate
+
     s = os.fspath(spec)
     if s.startswith("builtin:"):
         return _resolve_builtin(s[len("builtin:"):])
     if s.startswith("minari:"):
         raise DataError(f"{s}: a Minari source must be converted first: "
                         f"rayoffline data convert {s} --out DIR, then pass DIR")
-    path = Path(s).expanduser()
-    if not path.exists():
+    loc = locate(s)
+    if not loc.exists():
         raise DataError(f"dataset {s!r} not found: expected a converted dataset directory (made by "
                         f"`rayoffline data convert SOURCE --out DIR`) or builtin:NAME "
                         f"(known: {', '.join(names())})")
-    if not path.is_dir() or not (path / METADATA_FILE).is_file():
-        raise DataError(f"{path}: not a converted dataset directory (no {METADATA_FILE}); "
+    if not loc.is_dir() or not has_metadata(loc):
+        raise DataError(f"{loc}: not a converted dataset directory (no {METADATA_FILE}); "
                         f"convert it first with `rayoffline data convert {s} --out DIR`")
-    return path
+    return loc.public()
 
 
 def _resolve_builtin(name: str) -> Path:
     get(name)  # unknown name -> DataError
+    from .metadata import has_metadata
+
     final = converted_path(name)
-    if (final / METADATA_FILE).is_file():
+    if has_metadata(final):
         return final
     minari_dataset_path(name)  # outside the convert lock: it has its own
     with _build_lock(f"converted-{dataset_id(name)}"):
-        if (final / METADATA_FILE).is_file():
+        if has_metadata(final):
             return final
         from .convert import convert
 

@@ -51,19 +51,18 @@ def _flat(col, width: int) -> np.ndarray:
     return np.concatenate(parts) if len(parts) != 1 else parts[0]
 
 
-def _scan(root: Path, meta: dict[str, Any]) -> _Stats:
-    import pyarrow.parquet as pq
-
+def _scan(root: Path | str, meta: dict[str, Any]) -> _Stats:
     from .metadata import dataset_file_rows
+    from .storage import open_parquet
 
     obs_dim = int(np.prod(meta["observation_space"]["shape"]))
     discrete = meta["action_space"]["type"] == "Discrete"
     act_dim = 1 if discrete else int(np.prod(meta["action_space"]["shape"]))
     st = _Stats()
     cols = ["observations", "actions", "rewards", "terminations", "truncations", "episode_id", "step"]
-    for f, _ in dataset_file_rows(root, meta):  # checked against metadata.json: a missing shard is an error
+    for f, _ in dataset_file_rows(root, meta):  # checked against the metadata: a missing shard is an error
         try:
-            pf = pq.ParquetFile(f)
+            pf = open_parquet(f)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{f}: unreadable Parquet file ({e})") from e
         missing = [c for c in cols if c not in pf.schema_arrow.names]
@@ -103,8 +102,9 @@ def _fmt(x: float) -> str:
 def summarize(path: str | os.PathLike) -> dict[str, Any]:
     """The numbers behind the report (also useful to tests and notebooks)."""
     from .metadata import read_metadata as load_metadata
+    from .storage import locate
 
-    root = Path(path)
+    root = locate(path).public()
     meta = load_metadata(root)
     st = _scan(root, meta)
     if not st.rewards:
@@ -174,7 +174,7 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
-def _text(root: Path, s: dict[str, Any]) -> str:
+def _text(root: Path | str, s: dict[str, Any]) -> str:
     meta = s["meta"]
     lines = [f"dataset     {root}"]
     lines.append(f"source      {meta.get('source')}   env {meta.get('env_id')}   "
@@ -355,10 +355,12 @@ def _plot(s: dict[str, Any], png: Path, title: str) -> None:
         raise
 
 
-def _png_path(dataset: str | os.PathLike, root: Path, out: str | os.PathLike | None) -> Path:
+def _png_path(dataset: str | os.PathLike, root: Path | str, out: str | os.PathLike | None) -> Path:
     """Where the figure goes: `out` if it names a .png file, else DIR/<dataset name>-inspect.png with DIR = `out`
     or the current working directory (never the dataset's own or the cache directory)."""
-    name = str(dataset)[len("builtin:"):] if str(dataset).startswith("builtin:") else root.name
+    from .storage import locate
+
+    name = str(dataset)[len("builtin:"):] if str(dataset).startswith("builtin:") else locate(root).name
     if out is not None and Path(out).suffix.lower() == ".png":
         return Path(out).expanduser().absolute()
     return (Path(out).expanduser() if out is not None else Path.cwd()).absolute() / f"{name}-inspect.png"
@@ -384,5 +386,7 @@ def inspect(dataset: str | os.PathLike, out: str | os.PathLike | None = None,
     s = summarize(root)
     text = _text(root, s)
     out_png = _png_path(dataset, root, out if out is not None else png)
-    _plot(s, out_png, f"{s['meta'].get('source') or root.name}: {s['num_transitions']} transitions")
+    from .storage import locate
+
+    _plot(s, out_png, f"{s['meta'].get('source') or locate(root).name}: {s['num_transitions']} transitions")
     return {"text": text, "png": str(out_png), "summary": s}

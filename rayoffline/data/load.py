@@ -1,11 +1,16 @@
 """Loading for learners: worker `rank` of `world_size` reads its share of a converted dataset into tensors.
 
-Shares: the dataset's Parquet files (all partitions, in partition then shard order, exactly as metadata.json
-lists them) are dealt out whole, round-robin: file i goes to rank i % world_size. With fewer files than
-workers, the concatenated rows are split instead into `world_size` contiguous ranges of near-equal size. Either way the shares are disjoint and
-together hold every transition exactly once. Before any share is planned, every listed file must exist and
-the row counts in their footers must match metadata.json's counts (a missing or truncated shard is an error
-naming it, never a silently smaller dataset).
+Datasets are local directories or filesystem URIs (s3://, gs://, file://; see storage.py).
+
+Shares: the dataset's Parquet files (all partitions, in partition then shard order, exactly as the metadata
+lists them) are dealt out whole, balanced by transitions: largest file first (by the row count in its
+footer; ties by position), each onto the rank holding the fewest transitions so far (ties: the lowest rank),
+deterministically; a rank reads its files in dataset order. When that leaves some rank more than
+SHARE_SLACK above an even share (fewer files than workers, or files of very different sizes), the
+concatenated rows are split instead into `world_size` contiguous ranges of near-equal size. Either way the
+shares are disjoint and together hold every transition exactly once. Before any share is planned, every
+listed file must exist and the row counts in their footers must match the metadata's counts (a missing or
+truncated shard is an error naming it, never a silently smaller dataset).
 
 `load` reads a share into one contiguous tensor per field: only the six Batch columns are read, each
 fixed-size-list column is flattened by Arrow and copied once into a preallocated numpy array (no per-row
@@ -14,6 +19,7 @@ reads the same share as a stream of Batches whose size is bounded by a memory bu
 """
 from __future__ import annotations
 
+import heapq
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .metadata import dataset_file_rows, read_metadata
-from .schema import COLUMNS, METADATA_FILE
+from .metadata import dataset_file_rows, metadata_location, read_metadata
+from .schema import COLUMNS
+from .storage import locate, open_parquet
 
 if TYPE_CHECKING:
     import torch
@@ -37,20 +44,25 @@ data layer (every `rayoffline data` command) does not import torch, which alone 
 _FLOAT_FIELDS = ("observations", "next_observations")
 
 
+SHARE_SLACK = 0.25
+"""Whole files are dealt out only while no rank's share exceeds an even share by more than this fraction."""
+
+
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """metadata.json of a converted dataset directory (DataError naming the file if missing or corrupt)."""
+    """The metadata of a converted dataset directory or URI (DataError naming the file if missing or corrupt)."""
     return read_metadata(path)
 
 
-def dataset_files(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Path]:
-    """Parquet files of a converted dataset as metadata.json lists them, in partition then shard order."""
+def dataset_files(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> list[Path | str]:
+    """Parquet files of a converted dataset as its metadata lists them, in partition then shard order (Paths for
+    a local dataset, URIs otherwise)."""
     return [f for f, _ in dataset_file_rows(path, load_metadata(path) if meta is None else meta)]
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows [start, stop) of one Parquet file."""
-    path: Path
+    """Rows [start, stop) of one Parquet file (a Path, or a URI string)."""
+    path: Path | str
     start: int
     stop: int
 
@@ -61,14 +73,15 @@ class Segment:
 def shard_plan(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
                meta: dict[str, Any] | None = None) -> list[Segment]:
     """The segments worker `rank` of `world_size` reads (see the module docstring); the files are checked
-    against metadata.json first (`dataset_file_rows`)."""
+    against the metadata first (`dataset_file_rows`)."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
     rows = dataset_file_rows(path, load_metadata(path) if meta is None else meta)
     files, counts = [f for f, _ in rows], [n for _, n in rows]
-    if len(files) >= world_size:
-        return [Segment(f, 0, n) for f, n in list(zip(files, counts))[rank::world_size] if n > 0]
     total = sum(counts)
+    owner = _deal(counts, world_size)
+    if owner is not None:
+        return [Segment(f, 0, n) for f, n, r in zip(files, counts, owner) if r == rank and n > 0]
     lo, hi = total * rank // world_size, total * (rank + 1) // world_size
     plan, offset = [], 0
     for f, n in zip(files, counts):
@@ -77,6 +90,21 @@ def shard_plan(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
             plan.append(Segment(f, s - offset, e - offset))
         offset += n
     return plan
+
+
+def _deal(counts: list[int], world_size: int) -> list[int] | None:
+    """The rank of each file when whole files are dealt out largest first onto the least-loaded rank; None when
+    that leaves a rank more than SHARE_SLACK above an even share (the caller splits rows instead)."""
+    if len(counts) < world_size:
+        return None
+    heap = [(0, r) for r in range(world_size)]
+    owner = [0] * len(counts)
+    for i in sorted(range(len(counts)), key=lambda i: (-counts[i], i)):
+        load, r = heapq.heappop(heap)
+        owner[i] = r
+        heapq.heappush(heap, (load + counts[i], r))
+    most = max(load for load, _ in heap)
+    return owner if most <= (1 + SHARE_SLACK) * sum(counts) / world_size else None
 
 
 @dataclass(frozen=True)
@@ -101,7 +129,7 @@ class _Layout:
         }
 
 
-def _layout(meta: dict[str, Any], where: Path) -> _Layout:
+def _layout(meta: dict[str, Any], where) -> _Layout:
     try:
         obs_dim = int(np.prod(meta["observation_space"]["shape"]))
         act = meta["action_space"]
@@ -109,10 +137,10 @@ def _layout(meta: dict[str, Any], where: Path) -> _Layout:
             return _Layout(obs_dim, None)
         return _Layout(obs_dim, int(np.prod(act["shape"])))
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{where / METADATA_FILE}: malformed observation_space/action_space ({e!r})") from e
+        raise DataError(f"{metadata_location(where)}: malformed observation_space/action_space ({e!r})") from e
 
 
-def _fill(out: dict[str, np.ndarray], pos: int, table, path: Path, row0: int) -> int:
+def _fill(out: dict[str, np.ndarray], pos: int, table, path, row0: int) -> int:
     """Copy an Arrow table's Batch columns into `out` at row `pos`; returns rows written."""
     import pyarrow as pa
 
@@ -138,7 +166,7 @@ def _fill(out: dict[str, np.ndarray], pos: int, table, path: Path, row0: int) ->
                 flat = chunk.flatten().to_numpy(zero_copy_only=False)
                 if flat.size != m * width:
                     raise DataError(f"{path}: column '{name}' holds {flat.size // max(m, 1)}-dim rows, "
-                                    f"metadata.json says {width}")
+                                    f"the dataset's metadata says {width}")
                 dst[at:at + m] = flat.reshape(m, width)
             else:
                 if pa.types.is_nested(chunk.type):
@@ -163,10 +191,8 @@ def _row_groups_overlapping(md, seg) -> tuple[list[int], int]:
 
 def _read_segment(seg: Segment, columns: list[str]):
     """Arrow table of `seg`'s rows, reading only the row groups that overlap it."""
-    import pyarrow.parquet as pq
-
     try:
-        pf = pq.ParquetFile(seg.path)
+        pf = open_parquet(seg.path)
         md = pf.metadata
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
@@ -182,6 +208,11 @@ def _read_segment(seg: Segment, columns: list[str]):
         raise DataError(f"{seg.path}: unreadable Parquet file ({e})") from e
 
 
+def _root(path: str | os.PathLike) -> Path | str:
+    """A dataset given as a path or URI, as dataset_file_rows hands back its files (Path locally, else URI)."""
+    return locate(path).public()
+
+
 def _to_batch(arrays: dict[str, np.ndarray], device: torch.device | str) -> Batch:
     import torch
 
@@ -193,8 +224,9 @@ def _to_batch(arrays: dict[str, np.ndarray], device: torch.device | str) -> Batc
 def load(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
          device: torch.device | str = "cpu") -> Batch:
     """Worker `rank` of `world_size`: its share of the converted dataset at `path` as one Batch of
-    contiguous tensors on `device` (float32; discrete actions int64 of shape (N,))."""
-    root = Path(path)
+    contiguous tensors on `device` (float32; discrete actions int64 of shape (N,)). `path`: a local directory
+    or a filesystem URI."""
+    root = _root(path)
     meta = load_metadata(root)
     layout = _layout(meta, root)
     plan = shard_plan(root, rank, world_size, meta)
@@ -244,14 +276,12 @@ def iter_chunks(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
     previous chunk the caller may still hold: the chunk size is (memory_budget_bytes - reader reserve) / 6,
     so the whole stays within the budget. Concatenated, the chunks equal `load(path, rank, world_size)`.
     """
-    import pyarrow.parquet as pq
-
-    root = Path(path)
+    root = _root(path)
     meta = load_metadata(root)
     layout = _layout(meta, root)
     for seg in shard_plan(root, rank, world_size, meta):
         try:
-            pf = pq.ParquetFile(seg.path, buffer_size=_READ_BUFFER, pre_buffer=False)
+            pf = open_parquet(seg.path, buffer_size=_READ_BUFFER, pre_buffer=False)
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{seg.path}: unreadable Parquet file ({e})") from e
         missing = [c for c in FIELDS if c not in pf.schema_arrow.names]

@@ -1,7 +1,10 @@
-"""On-disk contract of a converted dataset directory.
+"""On-disk contract of a converted dataset directory (a local path or a filesystem URI: s3://, gs://, file://).
 
 DIR/
-  metadata.json
+  _rayoffline.json       the dataset's metadata (`metadata.json` in datasets written before schema version 2;
+                         still read, and renamed on the next append). The leading underscore makes Parquet
+                         readers skip it: pandas.read_parquet(DIR) and pyarrow.parquet.read_table(DIR) read the
+                         shards of every partition as one table, without filters.
   part-00000/            one partition per `convert` (part-00000) and per `append` (part-00001, ...)
     shard-00000.parquet  flat transitions, large row groups
     ...
@@ -16,7 +19,7 @@ Parquet columns (one row = one transition):
   episode_id         int64  (unique across partitions)
   step               int32  (index of the transition within its episode)
 
-metadata.json keys:
+Metadata keys:
   schema_version, source, content_hash (sha256 over the partitions' content hashes),
   env_id (gymnasium id or null), env_spec (gymnasium EnvSpec JSON or null),
   observation_space {"type": "Box", "shape": [...], "low": [...], "high": [...], "dtype": "float32"},
@@ -27,15 +30,31 @@ metadata.json keys:
   obs_mean [...], obs_std [...], reward_mean, reward_std,
   ref_min_score, ref_max_score (null when the source has none),
   partitions [{"name", "source", "files", "num_transitions", "num_episodes",
-               "content_hash" (sha256 over the partition's columns with its episode ids counted from 0, so the
-               same source appended twice has the same hash: `append` refuses it without allow_duplicate),
+               "content_hash" (of the partition's columns with its episode ids counted from 0, so the same
+               source appended twice has the same hash: `append` refuses it without allow_duplicate; see below),
+               "hash_piece_rows" (rows per hash piece, see below; absent in schema version 1),
                "notes" (what the conversion dropped or changed, e.g. rows without a next observation; [] if
                nothing), "duplicate_of" (only on a partition appended with allow_duplicate: the partition it
                repeats)}].
+
+Partition content hash (schema version 2): the partition's rows, columns in the order above with episode ids
+from 0, are cut into pieces of R = hash_piece_rows rows (R = HASH_PIECE_BYTES // bytes per row as numpy
+columns, bools one byte: 118 bytes and R = 1,137,438 for Hopper's 11-dim observations and 3-dim actions). A
+piece's digest is sha256 over, per column, "NAME:DTYPE:SHAPE;" and the column's bytes (metadata.content_hash of
+the piece). The partition hash is the digest of its only piece when it has at most R rows - exactly schema
+version 1's hash, which hashed the whole partition that way - and otherwise sha256 over
+"pieces:R:ROWS;" followed by the pieces' digests. It depends only on the rows, not on how the source was
+laid out, how it was cut into blocks while converting, or how many shards were written; pieces are hashed by
+the tasks that write them, so no process ever hashes the whole partition.
 """
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
-METADATA_FILE = "metadata.json"
+SCHEMA_VERSION = 2
+METADATA_FILE = "_rayoffline.json"
+LEGACY_METADATA_FILE = "metadata.json"
+"""The metadata file's name in schema version 1 (read, never written)."""
+HASH_PIECE_BYTES = 128 << 20
+"""Bytes of one content-hash piece (see the module docstring); part of the hash's definition: never change it
+without bumping SCHEMA_VERSION (partitions record their hash_piece_rows)."""
 COLUMNS = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations",
            "episode_id", "step")

@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 from typing import Iterator
 
-import pyarrow.parquet as pq
 import torch
 
 from ..batch import FIELDS, Batch
 from .load import _reader_reserve, iter_chunks, load_metadata
 from .metadata import dataset_file_rows
+from .storage import locate, open_parquet
 
 READER_SHARE = 0.2  # of the budget at least, for iter_chunks
 READER_CHUNK_ROWS = 8192  # at least this many rows per chunk read
@@ -64,14 +63,14 @@ class WindowedData:
 
     def __init__(self, path: str | os.PathLike, rank: int, world_size: int, budget_bytes: int, batch_size: int,
                  device: torch.device | str = "cpu", steps_per_window: int | None = None) -> None:
-        self.path, self.rank, self.world = Path(path), rank, world_size
+        self.path, self.rank, self.world = locate(path).public(), rank, world_size  # a Path, or a URI
         self.device = torch.device(device)
         meta = load_metadata(self.path)
         self.row_bytes = row_bytes(meta)
         # Arrow's reader holds up to ~4 MiB of page buffers per column whatever the chunk size
         # (load._reader_reserve); the reader gets that plus room for useful chunks, the windows the rest
         files = dataset_file_rows(self.path, meta)
-        reserve = max((_reader_reserve(pq.ParquetFile(f)) for f, _ in files[:4]), default=0)
+        reserve = max((_reader_reserve(open_parquet(f)) for f, _ in files[:4]), default=0)
         self.reader_budget = max(int(budget_bytes * READER_SHARE), reserve + READER_CHUNK_ROWS * 6 * self.row_bytes)
         self.window_rows = max(batch_size, int((budget_bytes - self.reader_budget) * WINDOW_SHARE) // self.row_bytes)
         self.steps_per_window = steps_per_window or max(1, self.window_rows // batch_size)

@@ -89,7 +89,7 @@ def read_converted(out: Path) -> dict:
     """Every partition's rows, concatenated in partition/file order, as numpy columns."""
     import json
 
-    meta = json.loads((out / "metadata.json").read_text())
+    meta = json.loads((out / "_rayoffline.json").read_text())
     tables = [pq.read_table(out / p["name"] / f) for p in meta["partitions"] for f in p["files"]]
     t = pa.concat_tables(tables)
     cols = {}

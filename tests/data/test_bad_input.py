@@ -353,11 +353,11 @@ def test_bad_appends_leave_dataset_unchanged(capsys, tmp_path, ray_cluster):
     assert str(discrete) in err and "integer (discrete) actions" in err
 
     assert digest(ds) == before
-    assert sorted(p.name for p in ds.iterdir()) == ["metadata.json", "part-00000"]
+    assert sorted(p.name for p in ds.iterdir()) == ["_rayoffline.json", "part-00000"]
 
-    (ds / "metadata.json").write_text("{not json")
+    (ds / "_rayoffline.json").write_text("{not json")
     err = cli_error(capsys, "append", str(src), "--to", str(ds))
-    assert str(ds / "metadata.json") in err and "corrupt JSON" in err
+    assert str(ds / "_rayoffline.json") in err and "corrupt JSON" in err
     err = cli_error(capsys, "append", str(src), "--to", str(tmp_path / "missing"))
     assert "missing" in err and "no such dataset directory" in err
     with pytest.raises(Exception):

@@ -179,7 +179,7 @@ def test_resolve_directories(tmp_path):
     with pytest.raises(DataError, match="not found"):
         builtin.resolve(tmp_path / "missing")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(DataError, match="no metadata.json"):
+    with pytest.raises(DataError, match="no _rayoffline.json"):
         builtin.resolve(tmp_path / "plain")
     with pytest.raises(DataError, match="converted first"):
         builtin.resolve("minari:mujoco/hopper/medium-v0")
@@ -209,7 +209,7 @@ def test_resolve_builtin_converts_once(ray_cluster):
     inner = ~ends[:-1]
     assert torch.equal(b.next_observations[:-1][inner], b.observations[1:][inner])
     # cached: no rebuild, and the returned directory is complete
-    mtime = (path / "metadata.json").stat().st_mtime_ns
+    mtime = (path / "_rayoffline.json").stat().st_mtime_ns
     assert builtin.resolve("builtin:pendulum-medium") == path
-    assert (path / "metadata.json").stat().st_mtime_ns == mtime
+    assert (path / "_rayoffline.json").stat().st_mtime_ns == mtime
     assert list((builtin.cache_root() / "tmp").iterdir()) == []

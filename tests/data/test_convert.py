@@ -38,11 +38,11 @@ def check_layout(out: Path, meta: dict, shards: int) -> None:
     """Files, column types and metadata keys exactly as schema.py describes them."""
     assert list(meta) == META_KEYS
     assert meta["schema_version"] == SCHEMA_VERSION
-    assert json.loads((out / "metadata.json").read_text()) == json.loads(json.dumps(meta))
+    assert json.loads((out / "_rayoffline.json").read_text()) == json.loads(json.dumps(meta))
     files = [f"shard-{i:05d}.parquet" for i in range(shards)]
     assert meta["partitions"][0]["name"] == "part-00000"
     assert meta["partitions"][0]["files"] == files
-    assert sorted(os.listdir(out)) == ["metadata.json", "part-00000"]
+    assert sorted(os.listdir(out)) == ["_rayoffline.json", "part-00000"]
     assert sorted(os.listdir(out / "part-00000")) == files
     schema = pq.read_schema(out / "part-00000" / files[0])
     assert tuple(schema.names) == COLUMNS
@@ -438,13 +438,13 @@ def test_append_adds_a_partition_and_updates_metadata(ray_cluster, minari_root, 
     meta = append(str(src), out, shards=2)
 
     after = tree_digest(out)
-    assert {k: v for k, v in after.items() if k in before and k != "metadata.json"} == \
-           {k: v for k, v in before.items() if k != "metadata.json"}  # existing shards untouched
+    assert {k: v for k, v in after.items() if k in before and k != "_rayoffline.json"} == \
+           {k: v for k, v in before.items() if k != "_rayoffline.json"}  # existing shards untouched
     assert meta["partitions"][:1] == meta0["partitions"]
     assert meta["partitions"][1]["name"] == "part-00001"
     assert meta["partitions"][1]["files"] == ["shard-00000.parquet", "shard-00001.parquet"]
     assert meta["partitions"][1]["source"] == f"parquet:{src}"
-    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "part-00000", "part-00001"]
+    assert sorted(p.name for p in out.iterdir()) == ["_rayoffline.json", "part-00000", "part-00001"]
     assert read_metadata(out) == json.loads(json.dumps(meta))
     rows = read_converted(out)
     check_stats(meta, rows)  # statistics over both partitions, pooled observation moments included
@@ -480,7 +480,7 @@ def test_failed_append_leaves_dataset_as_it_was(ray_cluster, minari_root, tmp_pa
     with pytest.raises(OSError, match="disk full"):
         append(str(src), out)
     assert tree_digest(out) == before
-    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "part-00000"]
+    assert sorted(p.name for p in out.iterdir()) == ["_rayoffline.json", "part-00000"]
 
 
 def test_failed_convert_leaves_nothing(ray_cluster, minari_root, tmp_path, monkeypatch):
@@ -502,11 +502,11 @@ def test_read_metadata_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="no such dataset directory"):
         read_metadata(tmp_path / "nope")
     (tmp_path / "d").mkdir()
-    with pytest.raises(DataError, match=r"metadata.json: missing"):
+    with pytest.raises(DataError, match=r"_rayoffline.json: missing"):
         read_metadata(tmp_path / "d")
-    (tmp_path / "d" / "metadata.json").write_text('{"schema_version": 1, "source": ')
-    with pytest.raises(DataError, match=r"d/metadata.json: corrupt JSON"):
+    (tmp_path / "d" / "_rayoffline.json").write_text('{"schema_version": 1, "source": ')
+    with pytest.raises(DataError, match=r"d/_rayoffline.json: corrupt JSON"):
         read_metadata(tmp_path / "d")
-    (tmp_path / "d" / "metadata.json").write_text('{"schema_version": 1}')
-    with pytest.raises(DataError, match=r"d/metadata.json: corrupt or not a rayoffline dataset: missing keys"):
+    (tmp_path / "d" / "_rayoffline.json").write_text('{"schema_version": 1}')
+    with pytest.raises(DataError, match=r"d/_rayoffline.json: corrupt or not a rayoffline dataset: missing keys"):
         read_metadata(tmp_path / "d")

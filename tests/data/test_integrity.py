@@ -25,7 +25,7 @@ def mode(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# item 4: files and row counts are checked against metadata.json
+# item 4: files and row counts are checked against _rayoffline.json
 
 @pytest.fixture
 def ds(tmp_path):
@@ -36,7 +36,7 @@ def ds(tmp_path):
 
 def test_missing_shard_is_named_by_load_iter_chunks_and_inspect(ds, tmp_path, capsys):
     (ds / "part-00000" / "shard-00002.parquet").unlink()
-    want = r"1 of 4 Parquet file\(s\) listed in metadata.json are missing: part-00000/shard-00002.parquet"
+    want = r"1 of 4 Parquet file\(s\) listed in _rayoffline.json are missing: part-00000/shard-00002.parquet"
     with pytest.raises(DataError, match=want):
         load(ds)
     with pytest.raises(DataError, match=want):
@@ -53,17 +53,17 @@ def test_missing_shard_is_named_by_load_iter_chunks_and_inspect(ds, tmp_path, ca
 def test_row_counts_must_match_metadata(ds):
     f = ds / "part-00000" / "shard-00001.parquet"
     pq.write_table(pq.read_table(f).slice(0, 10), f)  # a shard replaced by a shorter one
-    with pytest.raises(DataError, match=r"hold \d+ rows but metadata.json says partition 'part-00000' has 300"):
+    with pytest.raises(DataError, match=r"hold \d+ rows but _rayoffline.json says partition 'part-00000' has 300"):
         load(ds)
-    meta = json.loads((ds / "metadata.json").read_text())
+    meta = json.loads((ds / "_rayoffline.json").read_text())
     meta["partitions"][0].pop("num_transitions")  # no per-partition count: the total still catches it
-    (ds / "metadata.json").write_text(json.dumps(meta))
+    (ds / "_rayoffline.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"num_transitions is 300"):
         load(ds)
 
 
 def test_files_metadata_does_not_list_are_not_part_of_the_dataset(ds):
-    """A partition an append is still writing (renamed into place, metadata.json not yet replaced)."""
+    """A partition an append is still writing (renamed into place, _rayoffline.json not yet replaced)."""
     extra = ds / "part-00001"
     extra.mkdir()
     pq.write_table(pq.read_table(ds / "part-00000" / "shard-00000.parquet"), extra / "shard-00000.parquet")
@@ -71,7 +71,7 @@ def test_files_metadata_does_not_list_are_not_part_of_the_dataset(ds):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# item 14: metadata.json gets the same mode as the shards (0666 minus the umask)
+# item 14: _rayoffline.json gets the same mode as the shards (0666 minus the umask)
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_metadata_mode_follows_umask_like_parquet(tmp_path, umask):
@@ -81,8 +81,8 @@ def test_metadata_mode_follows_umask_like_parquet(tmp_path, umask):
         pq.write_table(pa.table({"a": [1]}), tmp_path / "shard.parquet")
     finally:
         os.umask(old)
-    assert mode(tmp_path / "metadata.json") == mode(tmp_path / "shard.parquet") == 0o666 & ~umask
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", "shard.parquet"]
+    assert mode(tmp_path / "_rayoffline.json") == mode(tmp_path / "shard.parquet") == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_rayoffline.json", "shard.parquet"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,9 +304,9 @@ def test_figure_integer_counts_constant_lengths_action_units_and_panels(tmp_path
 
     root = tmp_path / "const"
     write_dataset(root, lengths=(200,) * 7, obs_dim=3, act_dim=2)  # every episode 200 steps
-    meta = json.loads((root / "metadata.json").read_text())
+    meta = json.loads((root / "_rayoffline.json").read_text())
     meta["action_space"].update(low=[-2.0, -1.0], high=[2.0, 1.0])
-    (root / "metadata.json").write_text(json.dumps(meta))
+    (root / "_rayoffline.json").write_text(json.dumps(meta))
     fig = figure(summarize(root), "t")
     fig.canvas.draw()
     titles = {ax.get_title(): ax for ax in fig.axes}
@@ -342,15 +342,15 @@ def test_ray_and_in_process_writes_make_the_same_files(ray_cluster, tmp_path, mo
     mapping = {"observations": "obs_*", "actions": "act", "rewards": "rew", "terminations": "done",
                "episode_id": "ep", "next_observations": ["nx", "ny", "nz"]}
     calls = []
-    real = conv._write_through_ray
-    monkeypatch.setattr(conv, "_write_through_ray", lambda *a: (calls.append(1), real(*a)))
+    real = conv._run_on_ray
+    monkeypatch.setattr(conv, "_run_on_ray", lambda *a: (calls.append(1), real(*a))[1])
     convert(str(src), tmp_path / "local", shards=3, mapping=mapping)
     assert calls == []  # 40 rows: no Ray
     monkeypatch.setattr(conv, "LOCAL_WRITE_MAX_BYTES", 0)
     convert(str(src), tmp_path / "ray", shards=3, mapping=mapping)
     assert calls == [1]
-    assert digest(tmp_path / "local") == digest(tmp_path / "ray")  # byte for byte, metadata.json included
-    assert sorted(digest(tmp_path / "ray")) == ["metadata.json"] + [f"part-00000/shard-0000{i}.parquet" for i in range(3)]
+    assert digest(tmp_path / "local") == digest(tmp_path / "ray")  # byte for byte, _rayoffline.json included
+    assert sorted(digest(tmp_path / "ray")) == ["_rayoffline.json"] + [f"part-00000/shard-0000{i}.parquet" for i in range(3)]
     for root in ("local", "ray"):
         assert len({mode(p) for p in (tmp_path / root).rglob("*") if p.is_file()}) == 1  # one mode for all files
 

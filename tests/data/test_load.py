@@ -17,11 +17,13 @@ from rayoffline.errors import ConfigError, DataError
 
 
 def write_dataset(root: Path, lengths=(50, 30, 70, 20, 40, 90), obs_dim=3, act_dim=2, discrete_n=None,
-                  files=4, partitions=1, row_group_size=64, seed=0, truncate_last=True) -> dict:
+                  files=4, partitions=1, row_group_size=64, seed=0, truncate_last=True,
+                  file_rows: list[int] | None = None) -> dict:
     """A converted dataset written with pyarrow exactly as schema.py describes it.
 
     Row i of the whole dataset has reward i (so shares are easy to check); episodes alternate between
-    ending by termination and by truncation (when `truncate_last`). Returns the numpy columns."""
+    ending by termination and by truncation (when `truncate_last`). `file_rows`: rows of each file of a
+    single partition (instead of `files` near-equal files per partition). Returns the numpy columns."""
     rng = np.random.default_rng(seed)
     n = sum(lengths)
     obs = rng.standard_normal((n, obs_dim)).astype(np.float32)
@@ -50,7 +52,8 @@ def write_dataset(root: Path, lengths=(50, 30, 70, 20, 40, 90), obs_dim=3, act_d
         pdir = root / f"part-{p:05d}"
         pdir.mkdir(parents=True)
         names = []
-        for s, rows in enumerate(np.array_split(prow, files)):
+        splits = (np.split(prow, np.cumsum(file_rows)[:-1]) if file_rows is not None else np.array_split(prow, files))
+        for s, rows in enumerate(splits):
             table = pa.table({k: (fsl(v[rows]) if v.ndim == 2 else pa.array(v[rows])) for k, v in cols.items()})
             name = f"shard-{s:05d}.parquet"
             pq.write_table(table, pdir / name, row_group_size=row_group_size)
@@ -73,7 +76,7 @@ def write_dataset(root: Path, lengths=(50, 30, 70, 20, 40, 90), obs_dim=3, act_d
         "obs_mean": obs.mean(0).tolist(), "obs_std": obs.std(0).tolist(), "reward_mean": float(rew.mean()),
         "reward_std": float(rew.std()), "ref_min_score": None, "ref_max_score": None, "partitions": meta_parts,
     }
-    (root / "metadata.json").write_text(json.dumps(meta))
+    (root / "_rayoffline.json").write_text(json.dumps(meta))
     return cols
 
 
@@ -125,16 +128,36 @@ def test_shares_are_disjoint_and_cover_dataset(ds, world_size):
     assert len(allr) == n and len(np.unique(allr)) == n
 
 
-def test_round_robin_whole_files_then_row_ranges(ds):
+def test_whole_files_balanced_by_transitions_then_row_ranges(ds):
     root, _ = ds
     files = dataset_files(root)
     assert len(files) == 8 and files[0].parent.name == "part-00000" and files[-1].parent.name == "part-00001"
     plan = shard_plan(root, 1, 3)
-    assert [s.path for s in plan] == files[1::3]
     assert all(s.start == 0 for s in plan)
+    sizes = [sum(len(s) for s in shard_plan(root, r, 3)) for r in range(3)]
+    assert sum(sizes) == 300 and max(sizes) - min(sizes) <= 38  # at most one file apart
     # more workers than files: contiguous, near-equal row ranges
     sizes = [sum(len(s) for s in shard_plan(root, r, 11)) for r in range(11)]
     assert sum(sizes) == 300 and max(sizes) - min(sizes) <= 1
+
+
+def test_unequal_files_are_dealt_by_transitions_not_file_count(tmp_path):
+    # round-robin would give rank 0 files 0 and 2 (180 rows) and rank 1 files 1 and 3 (120)
+    write_dataset(tmp_path / "d", file_rows=[120, 80, 60, 40])
+    files = dataset_files(tmp_path / "d")
+    plans = [shard_plan(tmp_path / "d", r, 2) for r in range(2)]
+    assert [[s.path for s in p] for p in plans] == [[files[0], files[3]], [files[1], files[2]]]  # dataset order
+    assert [sum(len(s) for s in p) for p in plans] == [160, 140]
+    assert plans == [shard_plan(tmp_path / "d", r, 2) for r in range(2)]  # deterministic
+    got = np.concatenate([load(tmp_path / "d", r, 2).rewards.numpy() for r in range(2)])
+    np.testing.assert_array_equal(np.sort(got), np.arange(300, dtype=np.float32))  # every transition once
+
+    # whole files cannot come within SHARE_SLACK of an even share (200 vs 100): contiguous row ranges instead
+    write_dataset(tmp_path / "e", file_rows=[200, 20, 20, 20, 20, 20])
+    plans = [shard_plan(tmp_path / "e", r, 2) for r in range(2)]
+    assert [sum(len(s) for s in p) for p in plans] == [150, 150]
+    got = np.concatenate([load(tmp_path / "e", r, 2).rewards.numpy() for r in range(2)])
+    np.testing.assert_array_equal(got, np.arange(300, dtype=np.float32))
 
 
 def test_row_range_split_reads_inside_row_groups(tmp_path):
@@ -187,7 +210,7 @@ def test_bad_rank_and_missing_dirs(ds, tmp_path):
     with pytest.raises(DataError, match="nope"):
         load(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "metadata.json").write_text((ds[0] / "metadata.json").read_text())
+    (tmp_path / "empty" / "_rayoffline.json").write_text((ds[0] / "_rayoffline.json").read_text())
     with pytest.raises(DataError, match="no Parquet files"):
         load(tmp_path / "empty")
 
@@ -207,9 +230,9 @@ def test_missing_column_and_unreadable_file_are_named(ds):
 
 def test_wrong_dimension_is_named(ds):
     root, _ = ds
-    meta = json.loads((root / "metadata.json").read_text())
+    meta = json.loads((root / "_rayoffline.json").read_text())
     meta["observation_space"]["shape"] = [4]
-    (root / "metadata.json").write_text(json.dumps(meta))
+    (root / "_rayoffline.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="column 'observations'"):
         load(root)
 

@@ -3,7 +3,12 @@
   minari:ID | builtin:NAME | Minari dataset directory      -> minari_datasets.py
   *.hdf5 / *.h5 (D4RL layout)                            -> hdf5.py
   *.parquet / *.csv / a directory of them (RLlib or mapped) -> columnar.py
-  a converted dataset directory (metadata.json)           -> columnar.py, spaces from its metadata
+  a converted dataset directory (_rayoffline.json)        -> columnar.py, spaces from its metadata
+
+Streaming: `plan_source` cuts a source into `Block`s that no episode crosses (Minari by episode ranges, HDF5
+by row ranges at episode ends, Parquet/CSV by files and row ranges) from metadata and at most the flag or
+episode-id columns; `read_block` reads one block as `SourceData` (what a conversion task does). A source up
+to the block size is one block whose reading is `read_source`'s.
 """
 from __future__ import annotations
 
@@ -13,13 +18,43 @@ import re
 from pathlib import Path
 
 from ...errors import DataError
-from ..schema import METADATA_FILE
-from ._common import FIELDS, Chunk, SourceData
-from .columnar import SUFFIXES, read_columnar
-from .hdf5 import is_hdf5, read_hdf5
-from .minari_datasets import find_data_dir, local_dataset_dir, read_minari
+from ..metadata import metadata_location
+from ._common import FIELDS, Block, Chunk, SourceData, SourcePlan
+from .columnar import SUFFIXES, plan_columnar, read_columnar_block
+from .hdf5 import is_hdf5, plan_hdf5, read_hdf5_block
+from .minari_datasets import find_data_dir, local_dataset_dir, plan_minari, read_minari_block
 
-__all__ = ["FIELDS", "Chunk", "SourceData", "read_source"]
+__all__ = ["FIELDS", "Block", "Chunk", "SourceData", "SourcePlan", "plan_source", "read_block", "read_source"]
+
+_UNBOUNDED = 1 << 62
+
+
+def read_source(source: str | os.PathLike, mapping: dict[str, str] | None = None) -> SourceData:
+    """The whole source as one SourceData (one block)."""
+    plan = plan_source(source, mapping, block_bytes=_UNBOUNDED)
+    data = read_block(plan.blocks[0])
+    _describe(data, plan)
+    return data
+
+
+def read_block(block: Block) -> SourceData:
+    """The chunks of one block of a plan (checked as read_source checks them); the source's own description
+    (spaces, env id, references) is the plan's, not repeated here."""
+    if block.kind == "minari":
+        return read_minari_block(block.args)
+    if block.kind == "hdf5":
+        return read_hdf5_block(block.args)
+    return read_columnar_block(block.args)
+
+
+def _describe(data: SourceData, plan: SourcePlan) -> None:
+    """Copy what the plan says about the source onto data read from it."""
+    if not data.source_id.startswith("rllib:"):
+        data.source_id = plan.source_id
+    for k in ("observation_space", "action_space", "env_id", "env_spec", "ref_min_score", "ref_max_score"):
+        if getattr(plan, k) is not None:
+            setattr(data, k, getattr(plan, k))
+    data.extra = {**plan.extra, **data.extra}
 
 
 def _no_mapping(source: str, mapping) -> None:
@@ -28,7 +63,8 @@ def _no_mapping(source: str, mapping) -> None:
                         f"Minari datasets name their own fields")
 
 
-def read_source(source: str | os.PathLike, mapping: dict[str, str] | None = None) -> SourceData:
+def plan_source(source: str | os.PathLike, mapping: dict[str, str] | None, block_bytes: int) -> SourcePlan:
+    """The source cut into blocks of ~block_bytes (see the module docstring)."""
     s = os.fspath(source)
     if s.startswith("minari:"):
         _no_mapping(s, mapping)
@@ -39,7 +75,7 @@ def read_source(source: str | os.PathLike, mapping: dict[str, str] | None = None
         data_dir = find_data_dir(path)
         if data_dir is None:
             raise DataError(f"{s}: {path} holds no Minari data (no data/metadata.json)")
-        return read_minari(data_dir, source_id=s, label=f"{s} ({path})")
+        return plan_minari(data_dir, source_id=s, label=f"{s} ({path})", block_bytes=block_bytes)
     if s.startswith("builtin:"):
         _no_mapping(s, mapping)
         from ..builtin import minari_dataset_path
@@ -48,7 +84,7 @@ def read_source(source: str | os.PathLike, mapping: dict[str, str] | None = None
         data_dir = find_data_dir(path)
         if data_dir is None:
             raise DataError(f"{s}: {path} holds no Minari data (no data/metadata.json)")
-        return read_minari(data_dir, source_id=s, label=f"{s} ({path})")
+        return plan_minari(data_dir, source_id=s, label=f"{s} ({path})", block_bytes=block_bytes)
     path = Path(s).expanduser()
     if not path.exists():
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", s):
@@ -59,31 +95,32 @@ def read_source(source: str | os.PathLike, mapping: dict[str, str] | None = None
         data_dir = find_data_dir(path)
         if data_dir is not None:
             _no_mapping(s, mapping)
-            return read_minari(data_dir, source_id=f"minari-dir:{os.path.abspath(path)}")
-        meta_path = path / METADATA_FILE
+            return plan_minari(data_dir, source_id=f"minari-dir:{os.path.abspath(path)}", label=None,
+                               block_bytes=block_bytes)
+        meta_path = metadata_location(path)
         if meta_path.is_file():
-            return _read_converted(path, meta_path, mapping)
-        return read_columnar(path, mapping)
+            return _plan_converted(path, Path(meta_path.path), mapping, block_bytes)
+        return plan_columnar(path, mapping, block_bytes)
     if is_hdf5(path):
-        return read_hdf5(path, mapping)
+        return plan_hdf5(path, mapping, block_bytes)
     if path.suffix.lower() in SUFFIXES:
-        return read_columnar(path, mapping)
+        return plan_columnar(path, mapping, block_bytes)
     raise DataError(f"{path}: unknown file type {path.suffix or '(no suffix)'!r}; expected .hdf5/.h5 (D4RL layout), "
                     f".parquet or .csv, or a directory (Minari dataset or Parquet/CSV files)")
 
 
-def _read_converted(path: Path, meta_path: Path, mapping) -> SourceData:
+def _plan_converted(path: Path, meta_path: Path, mapping, block_bytes: int) -> SourcePlan:
     """A directory converted earlier (e.g. to re-shard it): its Parquet files, spaces from its metadata."""
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{meta_path}: cannot read ({e})") from e
+    plan = plan_columnar(path, mapping, block_bytes)
     if not isinstance(meta, dict) or "schema_version" not in meta:
-        return read_columnar(path, mapping)
-    data = read_columnar(path, mapping)
-    data.source_id = f"rayoffline:{os.path.abspath(path)}"
-    data.observation_space = meta.get("observation_space")
-    data.action_space = meta.get("action_space")
-    data.env_id, data.env_spec = meta.get("env_id"), meta.get("env_spec")
-    data.ref_min_score, data.ref_max_score = meta.get("ref_min_score"), meta.get("ref_max_score")
-    return data
+        return plan
+    plan.source_id = f"rayoffline:{os.path.abspath(path)}"
+    plan.observation_space = meta.get("observation_space")
+    plan.action_space = meta.get("action_space")
+    plan.env_id, plan.env_spec = meta.get("env_id"), meta.get("env_spec")
+    plan.ref_min_score, plan.ref_max_score = meta.get("ref_min_score"), meta.get("ref_max_score")
+    return plan

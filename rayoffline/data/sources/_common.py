@@ -23,6 +23,18 @@ def describe_row(row: int) -> str:
     return f"row {row} (0-based)"
 
 
+class RowDescriber:
+    """describe_row for a block that starts at file row `offset`: messages keep naming rows of the file, and
+    counts say which rows they cover (`scope`)."""
+
+    def __init__(self, offset: int, stop: int):
+        self.offset = int(offset)
+        self.scope = f"rows {offset}-{stop - 1} of this file"
+
+    def __call__(self, row: int) -> str:
+        return describe_row(row + self.offset)
+
+
 @dataclass
 class Chunk:
     """Transitions from one file, in the file's row order (n rows)."""
@@ -56,6 +68,56 @@ class Chunk:
     @property
     def discrete(self) -> bool:
         return self.actions.ndim == 1
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous stretch of a source (in its own row order) that no episode crosses: what one conversion
+    task reads, checks and assembles. `args` say what to read (picklable: they travel to Ray workers)."""
+
+    kind: str
+    """Reader: "minari", "hdf5" or "columnar"."""
+    args: dict[str, Any]
+    rows: int
+    """Source rows (before episode assembly drops any)."""
+    nbytes: int
+    """Estimated bytes of the block's columns once read (uncompressed)."""
+
+
+@dataclass
+class SourcePlan:
+    """A source cut into blocks, and what it says about itself (as SourceData, without the data)."""
+
+    source_id: str
+    blocks: list[Block]
+    files: list[str]
+    """Every input file (or dataset) named in messages about the whole source."""
+    observation_space: dict[str, Any] | None = None
+    action_space: dict[str, Any] | None = None
+    env_id: str | None = None
+    env_spec: str | None = None
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
+
+
+def choose_cuts(n: int, allowed: np.ndarray, target_rows: int) -> list[int]:
+    """Row positions (strictly inside 0..n) where to cut n rows into stretches of at least `target_rows`, each
+    cut taken from the sorted `allowed` positions (episode ends); the last stretch may be shorter."""
+    cuts: list[int] = []
+    last = 0
+    target_rows = max(1, int(target_rows))
+    while n - last > target_rows:
+        i = int(np.searchsorted(allowed, last + target_rows))
+        if i == len(allowed) or allowed[i] >= n:
+            break
+        last = int(allowed[i])
+        cuts.append(last)
+    return cuts
 
 
 @dataclass
@@ -104,8 +166,9 @@ def check_finite(arr: np.ndarray, file: str, column: str, describe: Callable[[in
         first = arr[r].reshape(-1)[~np.isfinite(arr[r].reshape(-1))][0]
         kind = "NaN (not a number)" if np.isnan(first) else f"{'-' if first < 0 else '+'}inf"
         src = int(row_offset[r]) if row_offset is not None else r
+        scope = getattr(describe, "scope", "this file")
         raise DataError(f"{file}: column {column!r} holds {kind} at {describe(src)} (value {value}; {n_bad} row(s) "
-                        f"with NaN or inf in this file); drop or repair those rows before converting")
+                        f"with NaN or inf in {scope}); drop or repair those rows before converting")
 
 
 def as_flags(arr: np.ndarray, file: str, column: str, describe: Callable[[int], str] = describe_row) -> np.ndarray:

@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ...errors import DataError
-from ._common import (FIELDS, Chunk, SourceData, as_actions, as_flags, as_next_observations, as_observations, as_rewards,
-                      check_finite, check_lengths, describe_row, episode_keys_from_flags)
+from ._common import (FIELDS, Chunk, RowDescriber, SourceData, as_actions, as_flags, as_next_observations,
+                      as_observations, as_rewards, check_finite, check_lengths, choose_cuts, describe_row,
+                      episode_keys_from_flags)
 
 RLLIB_COLUMNS = {"observations": "obs", "actions": "actions", "rewards": "rewards", "next_observations": "new_obs",
                  "terminations": "terminateds", "truncations": "truncateds", "episode_id": "eps_id", "step": "t"}
@@ -267,26 +268,62 @@ def csv_line_describer(path: Path) -> Callable[[int], str]:
     return describe
 
 
+def _read_rows(path: Path, start: int, stop: int):
+    """Rows [start, stop) of a Parquet file: only the row groups that hold them are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        groups, first, offset = [], 0, 0
+        for i in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(i).num_rows
+            if offset < stop and offset + n > start:
+                if not groups:
+                    first = offset
+                groups.append(i)
+            offset += n
+        return pf.read_row_groups(groups).slice(start - first, stop - start)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read this Parquet file ({type(e).__name__}: {e}); is it complete and "
+                        f"really Parquet?") from e
+
+
+def _names(spec: dict[str, Any], mapping: dict[str, Any]) -> dict[str, str]:
+    """How messages name each field's column: a PREFIX_* mapping as given, a column list joined."""
+    return {f: (s if isinstance(s, str) else mapping[f] if isinstance(mapping.get(f), str) else ",".join(s))
+            for f, s in spec.items()}
+
+
 def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
+    """Every file of `path`, whole, checked."""
+    return read_units(path, [(str(f), None, None) for f in list_files(path)], mapping)
+
+
+def read_columnar_block(args: dict) -> SourceData:
+    return read_units(Path(args["source"]), args["units"], args.get("mapping"))
+
+
+def read_units(path: Path, units: list[tuple[str, int | None, int | None]], mapping: dict[str, str] | None) -> SourceData:
+    """Files (or row ranges [start, stop) of Parquet files) of source `path`, in order, checked; rows of a range
+    are named by their row in the file."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     mapping = check_mapping(mapping)
-    files = list_files(path)
+    files = [Path(f) for f, _, _ in units]
     chunks: list[Chunk] = []
     raw_ids: list[Any] = []
     any_rllib = False
     key_offset = 0
-    for fpath in files:
+    for fpath, (_, start, stop) in zip(files, units):
         file = str(fpath)
-        table = _read_table(fpath)
+        table = _read_table(fpath) if start is None else _read_rows(fpath, start, stop)
         spec, rllib = resolve_mapping(file, table.column_names, mapping)
         any_rllib |= rllib
-        # how messages name a column (a PREFIX_* mapping as given, a column list joined) and a row
-        names = {f: (s if isinstance(s, str) else mapping[f] if isinstance(mapping.get(f), str) else ",".join(s))
-                 for f, s in spec.items()}
+        names = _names(spec, mapping)
         csv = fpath.suffix.lower() == ".csv"
-        describe = csv_line_describer(fpath) if csv else describe_row
+        describe = csv_line_describer(fpath) if csv else describe_row if start is None else RowDescriber(start, stop)
         null = CSV_NULL if csv else "null"
         arrays = {f: _field_array(table, file, s, f, describe, null) for f, s in spec.items() if f != "episode_id"}
         check_lengths(file, {names[f]: len(a) for f, a in arrays.items()})
@@ -348,4 +385,164 @@ def read_columnar(path: Path, mapping: dict[str, str] | None) -> SourceData:
             raise DataError(f"{c.file}: has no next-observation column but {other.file} has "
                             f"{other.columns['next_observations']!r}; all files need the same columns")
     kind = "rllib" if any_rllib else ("csv" if all(f.suffix.lower() == ".csv" for f in files) else "parquet")
-    return SourceData(source_id=f"{kind}:{os.path.abspath(path)}", chunks=chunks)
+    return SourceData(source_id=f"{kind}:{os.path.abspath(path)}", chunks=chunks, extra={"rllib": any_rllib})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# planning: blocks of whole files or row ranges that no episode crosses
+
+def _footer(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read this Parquet file ({type(e).__name__}: {e}); is it complete and "
+                        f"really Parquet?") from e
+
+
+def _column_names(path: Path, md) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    if md is not None:
+        return md.schema.to_arrow_schema().names
+    try:
+        with pcsv.open_csv(path) as reader:
+            return reader.schema.names
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read this CSV file ({type(e).__name__}: {e}); is it complete and "
+                        f"really CSV?") from e
+
+
+def _read_column(path: Path, column: str, md):
+    """One column of a whole file (for planning: flags or episode ids)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        if md is None:
+            nulls = [v for v in pcsv.ConvertOptions().null_values if v not in CSV_NAN]
+            t = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(null_values=nulls, include_columns=[column]))
+        else:
+            t = pq.read_table(path, columns=[column])
+    except (pa.ArrowException, OSError, ValueError) as e:
+        kind = "CSV" if md is None else "Parquet"
+        raise DataError(f"{path}: cannot read this {kind} file ({type(e).__name__}: {e}); is it complete and "
+                        f"really {kind}?") from e
+    return t.column(column).combine_chunks()
+
+
+def plan_columnar(path: Path, mapping: dict[str, str] | None, block_bytes: int):
+    """Blocks of ~block_bytes (uncompressed) of the files, in order, that no episode crosses.
+
+    A source up to block_bytes is one block, read exactly as before streaming. Otherwise: a CSV file is never
+    split; a Parquet file larger than block_bytes is split into row ranges at episode ends (without an
+    episode id column: after a row with a termination or truncation flag, read for this) or where no episode
+    id occurs on both sides (with one: the id column is read). Files without an episode id column never share
+    an episode; with one, an episode whose rows lie in several files keeps those files, and everything between
+    them, in one block."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ._common import Block, SourcePlan
+
+    mapping = check_mapping(mapping)
+    files = list_files(path)
+    mds = [None if f.suffix.lower() == ".csv" else _footer(f) for f in files]
+    sizes = [os.path.getsize(f) if md is None else sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+             for f, md in zip(files, mds)]
+    kind = "csv" if all(md is None for md in mds) else "parquet"  # "rllib" once a block has read RLlib's names
+    source_id = f"{kind}:{os.path.abspath(path)}"
+    if sum(sizes) <= block_bytes:
+        units = [(str(f), None, None) for f in files]
+        return SourcePlan(source_id=source_id, files=[str(f) for f in files], blocks=[Block(
+            "columnar", {"source": str(path), "units": units, "mapping": mapping}, rows=sum(
+                md.num_rows for md in mds if md is not None), nbytes=sum(sizes))])
+
+    specs = []
+    for f, md in zip(files, mds):
+        spec, _ = resolve_mapping(str(f), _column_names(f, md), mapping)
+        specs.append(spec)
+    # the columns every file must share (read_units says the same about the files of one block)
+    for field, what in (("episode_id", "an episode id column"), ("next_observations", "a next-observation column")):
+        have = [field in s for s in specs]
+        if any(have) and not all(have):
+            a, b = files[have.index(True)], files[have.index(False)]
+            if field == "episode_id":
+                raise DataError(f"{b}: has no episode id column but {a} has one; all files need the same columns")
+            col = _names(specs[have.index(True)], mapping)["next_observations"]
+            raise DataError(f"{b}: has no next-observation column but {a} has {col!r}; all files need the same "
+                            f"columns")
+    with_ids = "episode_id" in specs[0]
+
+    # units: (file index, start, stop, nbytes); keys: the episode ids of each unit (with ids)
+    units: list[tuple[int, int | None, int | None, int]] = []
+    keys: list[Any] = []
+    for i, (f, md, spec) in enumerate(zip(files, mds, specs)):
+        rows = md.num_rows if md is not None else None
+        split = md is not None and sizes[i] > block_bytes and rows > 1
+        per_row = sizes[i] / max(rows or 1, 1)
+        if with_ids:
+            ids = _read_column(f, spec["episode_id"], md)
+            ids = ids.filter(ids.is_valid()) if ids.null_count else ids  # nulls: read_units names them
+            enc = pc.dictionary_encode(ids)
+            codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            cuts: list[int] = []
+            if split and len(codes) == rows:
+                last = np.zeros(len(enc.dictionary), np.int64)
+                np.maximum.at(last, codes, np.arange(len(codes)))
+                reach = np.maximum.accumulate(last[codes])  # the farthest row an episode seen so far reaches
+                allowed = np.flatnonzero(reach[:-1] == np.arange(len(codes) - 1)) + 1  # cut before row p
+                cuts = choose_cuts(rows, allowed, max(1, int(block_bytes / per_row)))
+            bounds = [0, *cuts, len(codes)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                whole = len(bounds) == 2
+                units.append((i, None if whole else a, None if whole else b, int(sizes[i] * (b - a) / max(len(codes), 1))
+                              if not whole else sizes[i]))
+                keys.append(enc.dictionary.take(pa.array(np.unique(codes[a:b]))))
+        elif split:
+            term = as_flags(arrow_to_numpy(_read_column(f, spec["terminations"], md), str(f), spec["terminations"]),
+                            str(f), spec["terminations"])
+            ends = term
+            if "truncations" in spec:
+                ends = ends | as_flags(arrow_to_numpy(_read_column(f, spec["truncations"], md), str(f),
+                                                      spec["truncations"]), str(f), spec["truncations"])
+            cuts = choose_cuts(rows, np.flatnonzero(ends) + 1, max(1, int(block_bytes / per_row)))
+            bounds = [0, *cuts, rows]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                units.append((i, a, b, int(per_row * (b - a))) if len(bounds) > 2 else (i, None, None, sizes[i]))
+        else:
+            units.append((i, None, None, sizes[i]))
+
+    # boundaries between units that an episode crosses (its ids in both)
+    crossed = np.zeros(len(units), bool)  # crossed[u]: an episode continues from unit u into u + 1
+    if with_ids and len(units) > 1:
+        kinds = {k.type for k in keys}
+        typ = pa.int64() if all(pa.types.is_integer(t) for t in kinds) else pa.string()
+        allk = pa.concat_arrays([k.cast(typ) for k in keys])
+        unit = np.repeat(np.arange(len(units)), [len(k) for k in keys])
+        g = pa.table({"k": allk, "u": unit}).group_by("k").aggregate([("u", "min"), ("u", "max")])
+        lo = g.column("u_min").to_numpy()
+        hi = g.column("u_max").to_numpy()
+        span = hi > lo
+        diff = np.zeros(len(units) + 1, np.int64)
+        np.add.at(diff, lo[span], 1)
+        np.add.at(diff, hi[span], -1)
+        crossed = np.cumsum(diff)[:-1] > 0
+
+    blocks: list[Block] = []
+    cur: list[tuple[str, int | None, int | None]] = []
+    acc = rows_acc = 0
+    for u, (i, a, b, nb) in enumerate(units):
+        cur.append((str(files[i]), a, b))
+        acc += nb
+        if mds[i] is not None:
+            rows_acc += (b - a) if a is not None else mds[i].num_rows
+        if u == len(units) - 1 or (acc >= block_bytes and not crossed[u]):
+            blocks.append(Block("columnar", {"source": str(path), "units": cur, "mapping": mapping}, rows=rows_acc,
+                                nbytes=acc))
+            cur, acc, rows_acc = [], 0, 0
+    return SourcePlan(source_id=source_id, files=[str(f) for f in files], blocks=blocks)

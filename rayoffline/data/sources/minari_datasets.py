@@ -76,17 +76,26 @@ def space_json(space, file: str, what: str) -> dict[str, Any]:
                     f"flatten Dict/Tuple {what}s before converting")
 
 
-def _episodes_hdf5(data_dir: Path, file: str):
+def _open_hdf5(data_dir: Path):
     import h5py
 
     path = data_dir / "main_data.hdf5"
     try:
-        h5 = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot open Minari's HDF5 data ({e})") from e
-    with h5:
-        ids = sorted(int(k.split("_", 1)[1]) for k in h5.keys() if k.startswith("episode_"))
-        for i in ids:
+
+
+def _hdf5_ids(h5) -> list[int]:
+    return sorted(int(k.split("_", 1)[1]) for k in h5.keys() if k.startswith("episode_"))
+
+
+def _episodes_hdf5(data_dir: Path, file: str, ids: list[int] | None = None):
+    import h5py
+
+    path = data_dir / "main_data.hdf5"
+    with _open_hdf5(data_dir) as h5:
+        for i in (_hdf5_ids(h5) if ids is None else ids):
             g = h5[f"episode_{i}"]
             ep = {"id": i}
             for k in ("observations", "actions", "rewards", "terminations", "truncations"):
@@ -99,7 +108,8 @@ def _episodes_hdf5(data_dir: Path, file: str):
             yield ep
 
 
-def read_minari(data_dir: Path, source_id: str, label: str | None = None) -> SourceData:
+def _open(data_dir: Path, label: str | None):
+    """(label, Minari metadata, MinariStorage, observation space, action space) of a Minari data directory."""
     from minari.dataset.minari_storage import MinariStorage
 
     file = label or str(data_dir.parent if data_dir.name == "data" else data_dir)
@@ -116,12 +126,76 @@ def read_minari(data_dir: Path, source_id: str, label: str | None = None) -> Sou
         raise DataError(f"{file}: cannot open as a Minari dataset ({type(e).__name__}: {e})") from e
     obs_space = space_json(storage.observation_space, file, "observation")
     act_space = space_json(storage.action_space, file, "action")
+    return file, meta, storage, obs_space, act_space
 
+
+def _about(meta: dict) -> dict[str, Any]:
+    """env_id, env_spec, reference scores and extra of a Minari dataset's metadata (SourceData fields)."""
+    env_id, env_spec = None, meta.get("env_spec")
+    if env_spec:
+        try:
+            env_id = json.loads(env_spec)["id"]
+        except (ValueError, KeyError, TypeError):
+            env_id = None
+    ref = {k: (float(meta[k]) if meta.get(k) is not None else None) for k in ("ref_min_score", "ref_max_score")}
+    return dict(env_id=env_id, env_spec=env_spec or None, **ref, extra={"minari_dataset_id": meta.get("dataset_id")})
+
+
+def plan_minari(data_dir: Path, source_id: str, label: str | None, block_bytes: int):
+    """Blocks of whole episodes, ~block_bytes each: by episode id and stored length for HDF5 storage, by episode
+    index (and the average length) for Minari's other storage formats. A dataset up to block_bytes is one
+    block, read exactly as before streaming."""
+    from ._common import Block, SourcePlan
+
+    file, meta, storage, obs_space, act_space = _open(data_dir, label)
+    obs_d = int(np.prod(obs_space["shape"]))
+    act_b = 8 if act_space["type"] == "Discrete" else 4 * int(np.prod(act_space["shape"]))
+    row_bytes = 8 * obs_d + act_b + 8 + 2  # observations + next, actions, reward (float64 in Minari), flags
     if meta.get("data_format") == "hdf5":
-        episodes = _episodes_hdf5(data_dir, file)
+        with _open_hdf5(data_dir) as h5:
+            ids = _hdf5_ids(h5)
+            lengths = []
+            for i in ids:
+                g = h5[f"episode_{i}"]
+                lengths.append(int(g["rewards"].shape[0]) if "rewards" in g and g["rewards"].shape else 0)
+        keys: list[Any] = ids
+    else:
+        total_e, total_s = int(storage.total_episodes), int(storage.total_steps)
+        keys = list(range(total_e))
+        lengths = [total_s // max(total_e, 1)] * total_e
+    per_block = max(1, block_bytes // row_bytes)
+    groups: list[list[Any]] = [[]]
+    rows = [0]
+    for k, n in zip(keys, lengths):
+        if rows[-1] >= per_block:
+            groups.append([])
+            rows.append(0)
+        groups[-1].append(k)
+        rows[-1] += n
+    whole = len(groups) == 1
+    args = {"data_dir": str(data_dir), "source_id": source_id, "label": label}
+    blocks = [Block("minari", {**args, "episodes": None if whole else g}, rows=r, nbytes=r * row_bytes)
+              for g, r in zip(groups, rows)]
+    return SourcePlan(source_id=source_id, blocks=blocks, files=[file], observation_space=obs_space,
+                      action_space=act_space, **_about(meta))
+
+
+def read_minari_block(args: dict) -> SourceData:
+    return read_minari(Path(args["data_dir"]), args["source_id"], args.get("label"), episodes=args.get("episodes"),
+                       allow_empty=args.get("episodes") is not None)
+
+
+def read_minari(data_dir: Path, source_id: str, label: str | None = None, episodes: list[int] | None = None,
+                allow_empty: bool = False) -> SourceData:
+    """The dataset's episodes (those of `episodes`: ids for HDF5 storage, indices otherwise; None: all),
+    checked, as one chunk."""
+    file, meta, storage, obs_space, act_space = _open(data_dir, label)
+    wanted = episodes
+    if meta.get("data_format") == "hdf5":
+        episodes = _episodes_hdf5(data_dir, file, wanted)
     else:
         try:
-            episodes = storage.get_episodes(range(storage.total_episodes))
+            episodes = storage.get_episodes(range(storage.total_episodes) if wanted is None else wanted)
         except Exception as e:
             raise DataError(f"{file}: cannot read episodes ({type(e).__name__}: {e})") from e
 
@@ -148,6 +222,9 @@ def read_minari(data_dir: Path, source_id: str, label: str | None = None) -> Sou
         ids.append(eid)
         lens.append(t)
     if not ids:
+        if allow_empty:  # a block of empty episodes: the converter checks the whole source
+            return SourceData(source_id=source_id, chunks=[], observation_space=obs_space, action_space=act_space,
+                              **_about(meta))
         raise DataError(f"{file}: the dataset holds no transitions (empty dataset)")
 
     lens_a = np.asarray(lens, dtype=np.int64)
@@ -177,13 +254,5 @@ def read_minari(data_dir: Path, source_id: str, label: str | None = None) -> Sou
                   truncations=as_flags(np.concatenate(trunc_l), file, "truncations", describe),
                   next_observations=nxt, episode_key=np.repeat(ids_a, lens_a), describe=describe)
 
-    env_id, env_spec = None, meta.get("env_spec")
-    if env_spec:
-        try:
-            env_id = json.loads(env_spec)["id"]
-        except (ValueError, KeyError, TypeError):
-            env_id = None
-    ref = {k: (float(meta[k]) if meta.get(k) is not None else None) for k in ("ref_min_score", "ref_max_score")}
     return SourceData(source_id=source_id, chunks=[chunk], observation_space=obs_space, action_space=act_space,
-                      env_id=env_id, env_spec=env_spec or None, **ref,
-                      extra={"minari_dataset_id": meta.get("dataset_id")})
+                      **_about(meta))
