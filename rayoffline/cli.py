@@ -60,23 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="convert, append to and inspect datasets").add_subparsers(
         dest="data_command", required=True)
-    c = data.add_parser("convert", help="convert a source into sharded Parquet + metadata.json")
+    c = data.add_parser("convert", help="convert a source into sharded Parquet + _rayoffline.json (streaming)")
     c.add_argument("source", help="minari:ID | builtin:NAME | path to a Minari dataset, .hdf5, RLlib Parquet, "
                                   "or Parquet/CSV with --map")
-    c.add_argument("--out", required=True, help="output directory (must not exist)")
+    c.add_argument("--out", required=True, help="output directory or URI (s3://, gs://, file://; must not exist)")
     c.add_argument("--shards", type=int, default=None, help=SHARDS_HELP)
     c.add_argument("--map", action="append", metavar="FIELD=COLUMN", help=MAP_HELP)
     c.add_argument("--env-id", default=None, help="gymnasium id to record for evaluation")
     a = data.add_parser("append", help="add a new partition to a converted dataset")
     a.add_argument("source")
-    a.add_argument("--to", required=True, help="existing converted dataset directory")
+    a.add_argument("--to", required=True, help="existing converted dataset directory or URI")
     a.add_argument("--shards", type=int, default=None, help=SHARDS_HELP)
     a.add_argument("--map", action="append", metavar="FIELD=COLUMN", help=MAP_HELP)
     a.add_argument("--allow-duplicate", action="store_true",
                    help="append although the dataset already holds a partition with the same content hash (the "
-                        "same transitions would count twice); recorded as duplicate_of in metadata.json")
+                        "same transitions would count twice); recorded as duplicate_of in the dataset's metadata")
     i = data.add_parser("inspect", help="data-quality report and PNG")
-    i.add_argument("dir", help="converted dataset directory or builtin:NAME")
+    i.add_argument("dir", help="converted dataset directory, URI or builtin:NAME")
     i.add_argument("--out", "--png", dest="out", default=None, metavar="PATH",
                    help="where to write the figure: a .png file, or a directory that gets NAME-inspect.png "
                         "(default: the current directory); --png is an alias")
