@@ -747,7 +747,8 @@ class _Pipeline:
                 break
             i, handle = self.pending.popleft()
             self._take(blocks[i], self.run_.summary(handle), self.run_.table(handle))
-            self._launch(done=False)
+            if nxt < len(blocks) or self.pending:
+                self._launch(done=False)
         self._finish_checks()
         self._launch(done=True)
         digests: list[bytes] = []
@@ -975,7 +976,7 @@ class _OnRay:
 
     def assemble(self, block: Block, sp: _Spaces):
         refs = self._assemble.remote(block, sp.obs_space, sp.act_space, sp.appended)
-        self._refs.extend(refs)
+        self._refs.append(refs[0])  # the summary's: holding the table's would keep every block in the object store
         return refs
 
     def summary(self, handle):
