@@ -12,7 +12,8 @@ Memory: the current window, the next one being filled, and the reader's chunk wo
 column, ~15 MiB for the six columns of files with large row groups, plus 8k-row chunks); each window gets
 0.3 of the rest. Measured (tests/data/test_window.py, 2-core machine, budget 56 MB, share 224 MB, Arrow's
 default jemalloc pool): the peak growth of resident memory in steady state was 1.04x, 1.05x and 1.38x the
-budget over three runs (0.45 of the rest reached 1.24-1.50x), after a first pass has paid the reader's
+budget over three runs (0.45 of the rest reached 1.24-1.50x; on a machine at load 6 single runs measured
+1.2-1.63x: allocator timing, so the test takes the lower of two runs), after a first pass has paid the reader's
 one-time costs (~40 MB of code pages, thread pools and pool arenas, not proportional to the budget). Arrow's
 reader holds more than load._reader_reserve estimates for large row groups; the margin covers it.
 
