@@ -62,11 +62,28 @@ def _ray_log_in_run_dir(run_dir: Path, verbose: bool) -> logging.Handler:
     return handler
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's own minute of retries, when nothing listens at HOST:PORT."""
+    import socket
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start a "
+                          f"cluster with `ray start --head`, or leave --address and $RAY_ADDRESS unset for a "
+                          f"local Ray") from None
+
+
 def connect(run: RunConfig, verbose: bool = False) -> None:
     """Join run.address (or $RAY_ADDRESS), else start a local Ray sized for the run's workers, with Ray's
     logs in its session directory rather than on the terminal (rayoffline._ray)."""
     import ray
-    if ray.is_initialized():
+    if run.address and run.address != "auto":
+        _check_reachable(run.address)
+    if ray.is_initialized():  # the caller's own Ray (Python API, tests): use it
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     from .._ray import ensure_ray
@@ -75,7 +92,20 @@ def connect(run: RunConfig, verbose: bool = False) -> None:
     if run.gpus_per_worker > 0:
         import torch
         gpus = torch.cuda.device_count()
-    ensure_ray(num_cpus=cpus, address=run.address or None, num_gpus=gpus, log_to_driver=verbose)
+    address = run.address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto" and address != run.address:
+        _check_reachable(address)  # from $RAY_ADDRESS
+    import warnings
+    try:
+        with warnings.catch_warnings():  # Ray Client warns about a timeout before raising it: say it once, below
+            warnings.simplefilter("ignore", UserWarning)
+            ensure_ray(num_cpus=cpus, address=address, num_gpus=gpus, log_to_driver=verbose)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        if address is None:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--address {address}: cannot connect to a Ray cluster there ({first}); start one with "
+                          f"`ray start --head`, or leave --address and $RAY_ADDRESS unset for a local Ray") from None
 
 
 def check_placement(run: RunConfig) -> None:
