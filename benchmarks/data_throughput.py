@@ -4,7 +4,7 @@ Setting (the issue's): a Minari dataset of 1,000 episodes x 1,000 steps (observa
 in [-1, 1], episodes ending by truncation), random values, written under a temporary directory with
 `minari.create_dataset_from_buffers` (not timed). Then, in the same run:
 
-- convert: `rayoffline.data.convert(path, out)` into 8 Parquet shards through Ray Data, Ray already
+- convert: `rayoffline.data.convert(path, out)` into 8 Parquet shards through Ray tasks (streaming), Ray already
   started (its start-up is not conversion); target <= 60 s on 2 cores;
 - load: `rayoffline.data.load(out)` (every shard, one worker) into tensors, in transitions/s; target >= 1M/s;
   also rank 0 of 2 (half the shards) and `iter_chunks` with a 64 MiB memory budget.

@@ -102,8 +102,9 @@ second). Larger sources are converted in Ray tasks. Environment override: RAYOFF
 (0: always through Ray)."""
 
 _TASKS = max(2, os.cpu_count() or 1)
-"""Blocks read and assembled at once: no more than this node has cores (each new Ray worker process costs
-seconds to start on a small machine, and a task holds several times its block in memory)."""
+"""Conversion tasks (reading and assembling a block, or writing a file) at once: no more than this node has
+cores, although a local Ray instance offers more CPU slots than that: each new Ray worker process costs seconds
+to start on a small machine, and a task holds several times its block in memory."""
 
 __all__ = ["convert", "append", "read_metadata", "DEFAULT_SHARDS", "SHARD_BYTES", "default_shards"]
 
@@ -739,12 +740,16 @@ class _Pipeline:
         blocks = self.plan.blocks
         nxt = 0
         while True:
-            while nxt < len(blocks) and len(self.pending) < _TASKS and (not self.pending or self._room()):
+            while (nxt < len(blocks) and len(self.pending) + self.run_.writing() < _TASKS
+                   and (not self.pending or self._room())):
                 b = blocks[nxt]
                 self.pending.append((nxt, self.run_.assemble(b, self.spaces)))
                 nxt += 1
             if not self.pending:
-                break
+                if nxt == len(blocks):
+                    break
+                self.run_.wait_write()  # every slot is writing: the next block waits for one
+                continue
             i, handle = self.pending.popleft()
             self._take(blocks[i], self.run_.summary(handle), self.run_.table(handle))
             if nxt < len(blocks) or self.pending:
@@ -869,6 +874,8 @@ class _Pipeline:
         pieces = [(p, min(p + r, self.rows) if done else p + r) for p in range(first_piece, end, r)]
         hi = max([end] + [b for _, b in pieces])
         use = [b for b in self.blocks if b["row0"] < hi and b["row0"] + b["rows"] > start]
+        while self.run_.writing() >= _TASKS:  # no more tasks at once than this node has cores
+            self.run_.wait_write()
         name = _shard_name(len(self.writes))
         job = {"path": self.part_dir / name, "start": start, "end": end, "pieces": pieces, "first_id": self.first_id,
                "blocks": [(b["row0"], b["ep0"]) for b in use]}
@@ -949,6 +956,12 @@ class _InProcess:
     def result(self, handle):
         return handle
 
+    def writing(self) -> int:
+        return 0
+
+    def wait_write(self) -> None:
+        pass
+
     def abort(self) -> None:
         pass
 
@@ -973,6 +986,7 @@ class _OnRay:
         self._assemble = ray.remote(_assemble_block).options(num_returns=2, scheduling_strategy=here)
         self._write = ray.remote(_write_file).options(scheduling_strategy=here)
         self._refs: list[Any] = []
+        self._writing: list[Any] = []
 
     def assemble(self, block: Block, sp: _Spaces):
         refs = self._assemble.remote(block, sp.obs_space, sp.act_space, sp.appended)
@@ -988,10 +1002,24 @@ class _OnRay:
     def write(self, job: dict, tables: list):
         ref = self._write.remote(job, *tables)
         self._refs.append(ref)
+        self._writing.append(ref)
         return ref
 
     def result(self, handle):
         return _get(handle)
+
+    def writing(self) -> int:
+        """Write tasks still running."""
+        import ray
+
+        if self._writing:
+            _, self._writing = ray.wait(self._writing, num_returns=len(self._writing), timeout=0)
+        return len(self._writing)
+
+    def wait_write(self) -> None:
+        import ray
+
+        _, self._writing = ray.wait(self._writing, num_returns=1)
 
     def abort(self) -> None:
         """Stop what is still running and wait until it has: nothing may write after the caller cleans up."""
