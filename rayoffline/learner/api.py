@@ -111,7 +111,8 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
     state_path: Path | None = None
     history: list[dict[str, Any]] = []
     change: dict[str, Any] | None = None
-    if data is not None and not data.startswith(("builtin:", "minari:")):
+    from ..data import is_uri
+    if data is not None and not data.startswith(("builtin:", "minari:")) and not is_uri(data):
         data = str(Path(data).resolve())  # config.yaml must find it again from any working directory
     _resolve_run_dir(run_dir, resume)
     if allow_data_change and not resume:

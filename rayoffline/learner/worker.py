@@ -70,10 +70,11 @@ def memory_budget(run: RunConfig, workers: int, gpu_memory: float | None = None)
     return ram / 2 / max(workers, 1), "half this machine's RAM" + (" per worker" if workers > 1 else "")
 
 
-def open_dataset(data: str) -> tuple[Path, dict[str, Any]]:
+def open_dataset(data: str) -> tuple[Path | str, dict[str, Any]]:
+    """(the dataset's directory: a local Path, or a filesystem URI such as s3://bucket/ds, its metadata)."""
     from .. import data as data_mod
     path = data_mod.resolve(data)
-    return Path(path), data_mod.read_metadata(path)
+    return path, data_mod.read_metadata(path)
 
 
 def _device(name: str) -> torch.device:

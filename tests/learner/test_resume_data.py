@@ -61,3 +61,11 @@ def test_resume_with_data_of_other_content_is_refused(dataset, tmp_path):
     other = data.resolve("builtin:pendulum-expert")
     with pytest.raises(ConfigError, match="--data .* has changed since"):
         rayoffline.train(None, str(other), out, steps=20, resume=True)
+
+
+def test_train_and_resume_on_a_file_uri(dataset, tmp_path):
+    out = tmp_path / "run"
+    uri = f"file://{dataset}"
+    rayoffline.train("bc", uri, out, steps=10, config=CFG)
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"] == uri  # kept as given, not made a path
+    assert rayoffline.train(None, None, out, steps=20, resume=True)["steps"] == 20
