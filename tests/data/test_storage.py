@@ -93,6 +93,14 @@ def test_registered_filesystem_round_trip(tmp_path, memfs):
     got = torch.cat([c.rewards for c in iter_chunks("memtest://bucket/ds", memory_budget_bytes=8 << 20)])
     assert torch.equal(got, load(tmp_path / "local").rewards)
 
+    report = data.inspect("memtest://bucket/ds", out=tmp_path)
+    assert report["png"] == str(tmp_path / "ds-inspect.png") and "memtest://bucket/ds" in report["text"]
+    from rayoffline.data.window import WindowedData
+    w = WindowedData("memtest://bucket/ds", 0, 1, budget_bytes=4 << 20, batch_size=16)  # out-of-core windows
+    k = min(w.n, meta["num_transitions"])
+    assert w.n == w.window_rows and torch.equal(w.data.rewards[:k], load(tmp_path / "local").rewards[:k])
+    w.close()
+
     meta2 = append(str(more), "memtest://bucket/ds")
     local2 = append(str(more), tmp_path / "local")
     assert meta2["content_hash"] == local2["content_hash"] and meta2["num_episodes"] == 24
