@@ -1,4 +1,5 @@
-"""Data layer: converters to sharded Parquet (through Ray Data), builtin datasets, inspection, loading."""
+"""Data layer: streaming converters to sharded Parquet (in-process or Ray tasks), builtin datasets, inspection,
+loading; datasets on local paths or filesystem URIs (storage.py)."""
 
 # builtin datasets, loading, inspection (issue 2, loading side)
 from .builtin import behavior_policy, behavior_return, minari_dataset_path, resolve  # noqa: E402,F401
