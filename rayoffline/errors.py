@@ -22,4 +22,5 @@ class CheckpointError(RayOfflineError):
 
 class DataWarning(UserWarning):
     """A conversion succeeded but changed or dropped something the user should know about (e.g. rows without a
-    next observation). Also recorded in the partition's `notes` in metadata.json; the CLI prints it."""
+    next observation). Also recorded in the partition's `notes` in the dataset metadata (_rayoffline.json); the
+    CLI prints it."""

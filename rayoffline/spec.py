@@ -24,7 +24,7 @@ class EnvSpec:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> "EnvSpec":
-        """Build from a dataset's metadata.json (see rayoffline.data.schema)."""
+        """Build from a dataset's metadata (_rayoffline.json, formerly metadata.json; see rayoffline.data.schema)."""
         try:
             obs = meta["observation_space"]
             act = meta["action_space"]
@@ -39,5 +39,6 @@ class EnvSpec:
                 return cls(obs_dim=obs_dim, action_dim=len(low), discrete=False,
                            action_low=low, action_high=high, env_id=meta.get("env_id"))
         except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"metadata.json: malformed space description ({e!r})") from e
-        raise DataError(f"metadata.json: unsupported action space type {act.get('type')!r} (Box or Discrete)")
+            raise DataError(f"dataset metadata (_rayoffline.json): malformed space description ({e!r})") from e
+        raise DataError(f"dataset metadata (_rayoffline.json): unsupported action space type {act.get('type')!r} "
+                        f"(Box or Discrete)")
