@@ -157,6 +157,8 @@ BAD = [
      "num_workers"),
     (["train", "--algo", "bc", "--data", "builtin:pendulum-medium", "--out", "{tmp}/r", "--data-mode", "x"],
      "invalid choice"),
+    (["train", "--algo", "bc", "--data", "builtin:pendulum-medium", "--out", "s3://bucket/runs/x"],
+     "a run directory on object storage is not supported yet"),
     (["eval"], "run_dir"),
     (["eval", "{tmp}/missing"], "does not exist"),
     (["eval", "{tmp}/full"], "not a rayoffline run directory"),

@@ -105,13 +105,19 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         >>> r["eval_return_mean"], r["normalized_score"]
     """
     submitted = time.time()
+    from ..data import is_uri
+    if isinstance(out, str) and out.startswith("file://"):
+        out = out[len("file://"):]
+    elif is_uri(out):
+        raise ConfigError(f"--out {out}: a run directory on object storage is not supported yet; use a local path, "
+                          f"or shared storage (NFS/EFS) mounted at the same path on every node (datasets, --data, "
+                          f"may be URIs)")
     run_dir = Path(out)
     start = 0
     state = None
     state_path: Path | None = None
     history: list[dict[str, Any]] = []
     change: dict[str, Any] | None = None
-    from ..data import is_uri
     if data is not None and not data.startswith(("builtin:", "minari:")) and not is_uri(data):
         data = str(Path(data).resolve())  # config.yaml must find it again from any working directory
     _resolve_run_dir(run_dir, resume)
