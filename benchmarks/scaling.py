@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -108,15 +107,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        start, end = "<!-- scaling:start -->", "<!-- scaling:end -->"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        readme.write_text(text)
+        from benchmarks._readme import write_block
+        write_block("scaling", table)
 
 
 def gpu_main(args) -> None:

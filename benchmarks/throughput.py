@@ -174,15 +174,8 @@ def main() -> None:
     table = render(rows, ks, peer)
     print(table)
     if args.readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        start, end = "<!-- throughput:start -->", "<!-- throughput:end -->"
-        block = f"{start}\n{table}\n{end}"
-        if start in text:
-            text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        readme.write_text(text)
+        from benchmarks._readme import write_block
+        write_block("throughput", table)
 
 
 def render(rows, ks, peer) -> str:
