@@ -7,7 +7,6 @@ GCS and workers), the session directory being /tmp/ray/session_latest for a loca
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -115,19 +114,3 @@ def _configure_data_context() -> None:
     ctx = data_context()
     ctx.enable_progress_bars = False  # a CLI conversion prints one line; errors still surface as exceptions
     ctx.print_on_execution_start = False
-
-
-@contextlib.contextmanager
-def quiet_ray_data():
-    """While Ray Data executes: its console handler detached (its file handler, ray-data.log in the session
-    directory, still gets everything, including the "Progress bars disabled" notice that turning progress bars
-    off itself triggers); restored afterwards."""
-    lg = logging.getLogger("ray.data")
-    console = [h for h in lg.handlers if h.get_name() == "console"]
-    for h in console:
-        lg.removeHandler(h)
-    try:
-        yield
-    finally:
-        for h in console:
-            lg.addHandler(h)
