@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ class Progress:
         self.members = members
         self.total_steps = total_steps
         self.steps_done = 0
-        self._t0 = time.perf_counter()
         tty = sys.stderr.isatty()
         self.lines = progress == "auto" and not tty  # no terminal (a log file, a job): a line per log interval
         self.bar = None
@@ -63,10 +61,8 @@ class Progress:
                          f"losses are member means)")
         else:
             parts.append(f"{ups:.3g} updates/s")
-        done = self.steps_done
-        if done and step < self.total_steps:
-            eta = (time.perf_counter() - self._t0) / done * (self.total_steps - step)
-            parts.append(f"eta {_duration(eta)}")
+        if ups > 0 and step < self.total_steps:  # at the interval's rate (start-up and evaluations excluded)
+            parts.append(f"eta {_duration((self.total_steps - step) / ups)}")
         return "  ".join(parts)
 
     def close(self) -> None:
