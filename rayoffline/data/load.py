@@ -140,6 +140,12 @@ def _layout(meta: dict[str, Any], where) -> _Layout:
         raise DataError(f"{metadata_location(where)}: malformed observation_space/action_space ({e!r})") from e
 
 
+def row_bytes(meta: dict[str, Any], where: Any = ".") -> int:
+    """Bytes of one transition as loaded tensors (float32 observations twice, reward and flags; actions) for
+    the dataset described by `meta` (found at `where`, named in the error if the spaces are malformed)."""
+    return _layout(meta, where).row_bytes
+
+
 def _fill(out: dict[str, np.ndarray], pos: int, table, path, row0: int) -> int:
     """Copy an Arrow table's Batch columns into `out` at row `pos`; returns rows written."""
     import pyarrow as pa

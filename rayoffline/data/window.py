@@ -32,28 +32,13 @@ from typing import Iterator
 import torch
 
 from ..batch import FIELDS, Batch
-from .load import _reader_reserve, iter_chunks, load_metadata
+from .load import _reader_reserve, iter_chunks, load_metadata, row_bytes
 from .metadata import dataset_file_rows
 from .storage import locate, open_parquet
 
 READER_SHARE = 0.2  # of the budget at least, for iter_chunks
 READER_CHUNK_ROWS = 8192  # at least this many rows per chunk read
 WINDOW_SHARE = 0.3  # of what the reader leaves, for each of the two windows (measured: see the module docstring)
-
-
-def row_bytes(meta: dict) -> int:
-    """Bytes of one transition as loaded tensors (float32 obs, next obs, reward, flags; actions)."""
-    obs = 1
-    for d in (meta.get("observation_space") or {}).get("shape") or [1]:
-        obs *= int(d)
-    space = meta.get("action_space") or {}
-    if space.get("type") == "Discrete" or "n" in space:
-        act = 8
-    else:
-        act = 4
-        for d in space.get("shape") or [1]:
-            act *= int(d)
-    return 4 * (2 * obs + 3) + act
 
 
 class WindowedData:
@@ -67,7 +52,7 @@ class WindowedData:
         self.path, self.rank, self.world = locate(path).public(), rank, world_size  # a Path, or a URI
         self.device = torch.device(device)
         meta = load_metadata(self.path)
-        self.row_bytes = row_bytes(meta)
+        self.row_bytes = row_bytes(meta, self.path)
         # Arrow's reader holds up to ~4 MiB of page buffers per column whatever the chunk size
         # (load._reader_reserve); the reader gets that plus room for useful chunks, the windows the rest
         files = dataset_file_rows(self.path, meta)

@@ -31,11 +31,12 @@ from .worker import RunSpec, WorkerContext, _printer, dataset_bytes, memory_budg
 RAY_TRAIN_DIR = "ray_train"
 
 
-def choose_data_mode(run: RunConfig, meta: dict[str, Any], gpu_memory: float | None = None) -> tuple[str, str]:
+def choose_data_mode(run: RunConfig, meta: dict[str, Any], gpu_memory: float | None = None,
+                     where: Any = ".") -> tuple[str, str]:
     """(mode, reason) for run.data_mode; auto compares the dataset's size with the per-worker budget."""
     if run.data_mode != "auto":
         return run.data_mode, f"data_mode {run.data_mode} (configured)"
-    need = dataset_bytes(meta)
+    need = dataset_bytes(meta, where)
     budget, where = memory_budget(run, run.num_workers if run.gpus_per_worker == 0 else 1, gpu_memory)
     if need <= budget:
         return "replicate", (f"data_mode auto -> replicate: the dataset ({need / 2**20:.0f} MiB) fits {where} "
@@ -270,7 +271,7 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
     if run.gpus_per_worker > 0:
         import torch
         gpu = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-    mode, why = choose_data_mode(run, meta, gpu)
+    mode, why = choose_data_mode(run, meta, gpu, data_dir)
     spec.data_mode = mode
     spec.in_process = False
     if mode == "split":

@@ -53,10 +53,10 @@ class RunSpec:
     """time.time() when train() was called: result.json's time_to_first_update_s counts from it."""
 
 
-def dataset_bytes(meta: dict[str, Any]) -> int:
-    """Bytes the dataset takes as loaded tensors (float32 observations twice, actions, reward and flags)."""
-    from ..data.window import row_bytes
-    return int(meta.get("num_transitions", 0)) * row_bytes(meta)
+def dataset_bytes(meta: dict[str, Any], where: Any = ".") -> int:
+    """Bytes the dataset at `where` takes as loaded tensors (float32 observations twice, actions, reward, flags)."""
+    from ..data.load import row_bytes
+    return int(meta.get("num_transitions", 0)) * row_bytes(meta, where)
 
 
 def memory_budget(run: RunConfig, workers: int, gpu_memory: float | None = None) -> tuple[float, str]:
@@ -140,7 +140,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
     from .. import data as data_mod
     split = spec.data_mode == "split" and ctx.world > 1
     rank, world = (ctx.rank, ctx.world) if split else (0, 1)
-    share = dataset_bytes(meta) / world
+    share = dataset_bytes(meta, data_dir) / world
     gpu = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     budget, why = memory_budget(run, ctx.world if device.type == "cpu" else 1, gpu)
     if share > budget:  # out-of-core: a window of the share in memory, refilled in the background

@@ -119,7 +119,8 @@ def test_split_mode_needs_a_file_per_worker(ray_cluster, tmp_path):
 def test_data_mode_auto_follows_the_memory_budget():
     from rayoffline.learner.config import RunConfig
     from rayoffline.learner.distributed import choose_data_mode, dataset_bytes
-    meta = {"num_transitions": 1_000_000, "observation_space": {"shape": [11]}, "action_space": {"shape": [3]}}
+    meta = {"num_transitions": 1_000_000, "observation_space": {"type": "Box", "shape": [11]},
+            "action_space": {"type": "Box", "shape": [3]}}
     assert dataset_bytes(meta) == 1_000_000 * 4 * (22 + 3 + 3)
     mode, why = choose_data_mode(RunConfig(num_workers=2, memory_budget_gb=1.0), meta)
     assert mode == "replicate" and "fits memory_budget_gb 1" in why
