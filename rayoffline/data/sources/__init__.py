@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import fields
 from pathlib import Path
 
 from ...errors import DataError
 from ..metadata import metadata_location
-from ._common import FIELDS, Block, Chunk, SourceData, SourcePlan
+from ._common import FIELDS, Block, Chunk, SourceData, SourceInfo, SourcePlan
 from .columnar import SUFFIXES, plan_columnar, read_columnar_block
 from .hdf5 import is_hdf5, plan_hdf5, read_hdf5_block
 from .minari_datasets import find_data_dir, local_dataset_dir, plan_minari, read_minari_block
@@ -51,9 +52,9 @@ def _describe(data: SourceData, plan: SourcePlan) -> None:
     """Copy what the plan says about the source onto data read from it."""
     if not data.source_id.startswith("rllib:"):
         data.source_id = plan.source_id
-    for k in ("observation_space", "action_space", "env_id", "env_spec", "ref_min_score", "ref_max_score"):
-        if getattr(plan, k) is not None:
-            setattr(data, k, getattr(plan, k))
+    for f in fields(SourceInfo):
+        if f.name not in ("source_id", "extra") and getattr(plan, f.name) is not None:
+            setattr(data, f.name, getattr(plan, f.name))
     data.extra = {**plan.extra, **data.extra}
 
 

@@ -84,21 +84,29 @@ class Block:
     """Estimated bytes of the block's columns once read (uncompressed)."""
 
 
-@dataclass
-class SourcePlan:
-    """A source cut into blocks, and what it says about itself (as SourceData, without the data)."""
+@dataclass(kw_only=True)
+class SourceInfo:
+    """What a source says about itself (shared by its plan and the data read from it)."""
 
     source_id: str
-    blocks: list[Block]
-    files: list[str]
-    """Every input file (or dataset) named in messages about the whole source."""
     observation_space: dict[str, Any] | None = None
+    """Schema-style space (see schema.py) when the source describes it; None: infer from the data."""
     action_space: dict[str, Any] | None = None
     env_id: str | None = None
     env_spec: str | None = None
+    """gymnasium EnvSpec JSON when the source carries it."""
     ref_min_score: float | None = None
     ref_max_score: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class SourcePlan(SourceInfo):
+    """A source cut into blocks, and what it says about itself (as SourceData, without the data)."""
+
+    blocks: list[Block]
+    files: list[str]
+    """Every input file (or dataset) named in messages about the whole source."""
 
     @property
     def nbytes(self) -> int:
@@ -120,21 +128,11 @@ def choose_cuts(n: int, allowed: np.ndarray, target_rows: int) -> list[int]:
     return cuts
 
 
-@dataclass
-class SourceData:
+@dataclass(kw_only=True)
+class SourceData(SourceInfo):
     """Everything a reader found: chunks plus what the source says about itself."""
 
-    source_id: str
     chunks: list[Chunk]
-    observation_space: dict[str, Any] | None = None
-    """Schema-style space (see schema.py) when the source describes it; None: infer from the data."""
-    action_space: dict[str, Any] | None = None
-    env_id: str | None = None
-    env_spec: str | None = None
-    """gymnasium EnvSpec JSON when the source carries it."""
-    ref_min_score: float | None = None
-    ref_max_score: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
