@@ -70,6 +70,18 @@ class _maybe_warns:
         return iter(self.list)
 
 
+def parquet_source(tmp_path, eps, next_observations: bool = True, episode_ids: bool = True):
+    """src.parquet with the episodes' rows back to back (D4RL-style flat rows)."""
+    r = flat_rows(eps)
+    cols = {"observations": r["observations"], "actions": r["actions"], "rewards": r["rewards"]}
+    if next_observations:
+        cols["next_observations"] = r["next_observations"]
+    cols.update(terminations=r["terminations"], truncations=r["truncations"])
+    if episode_ids:
+        cols["episode_id"] = r["episode"]
+    return write_parquet(tmp_path / "src.parquet", cols)
+
+
 def assert_same_dataset(tmp_path, a: dict, b: dict) -> None:
     for k in EXACT:
         assert a[k] == b[k], k
@@ -164,11 +176,7 @@ def test_csv_files_as_blocks(tmp_path, monkeypatch):
 
 def test_through_ray_equals_in_process_and_the_driver_reads_no_rows(ray_cluster, tmp_path, monkeypatch):
     eps = episodes(obs_dim=3, layout=layout(50, seed=4))
-    r = flat_rows(eps)
-    src = write_parquet(tmp_path / "src.parquet", {"observations": r["observations"], "actions": r["actions"],
-                                                   "rewards": r["rewards"], "next_observations": r["next_observations"],
-                                                   "terminations": r["terminations"], "truncations": r["truncations"],
-                                                   "episode_id": r["episode"]})
+    src = parquet_source(tmp_path, eps)
     monkeypatch.setattr(conv, "BLOCK_BYTES", 4000)
     monkeypatch.setattr(conv, "_TASKS", 3)
     local = convert(str(src), tmp_path / "whole", shards=4)
@@ -189,11 +197,7 @@ def test_through_ray_equals_in_process_and_the_driver_reads_no_rows(ray_cluster,
 def test_content_hash_is_made_of_pieces_and_ignores_blocks_and_shards(ray_cluster, tmp_path, monkeypatch):
     md = importlib.import_module("rayoffline.data.metadata")
     eps = episodes(obs_dim=3, layout=layout(30, seed=5))
-    r = flat_rows(eps)
-    src = write_parquet(tmp_path / "src.parquet", {"observations": r["observations"], "actions": r["actions"],
-                                                   "rewards": r["rewards"], "next_observations": r["next_observations"],
-                                                   "terminations": r["terminations"], "truncations": r["truncations"],
-                                                   "episode_id": r["episode"]})
+    src = parquet_source(tmp_path, eps)
     whole = convert(str(src), tmp_path / "one")
     rows = read_converted(tmp_path / "one")
     n = len(rows["rewards"])
@@ -218,10 +222,7 @@ def test_many_files_from_many_blocks(tmp_path, monkeypatch):
     """File boundaries follow the estimated total while blocks arrive; every file is written once, in order,
     and the files hold every row once."""
     eps = episodes(obs_dim=3, layout=layout(120, seed=6))
-    r = flat_rows(eps)
-    src = write_parquet(tmp_path / "src.parquet", {"observations": r["observations"], "actions": r["actions"],
-                                                   "rewards": r["rewards"], "terminations": r["terminations"],
-                                                   "truncations": r["truncations"]})
+    src = parquet_source(tmp_path, eps, next_observations=False, episode_ids=False)
     monkeypatch.setattr(conv, "BLOCK_BYTES", 2500)
     with pytest.warns(DataWarning):
         meta = convert(str(src), tmp_path / "o", shards=6)
@@ -294,10 +295,7 @@ def test_action_space_of_blocks_is_inferred_from_all_blocks(tmp_path, monkeypatc
     """Actions inside [-1, 1] in one block and beyond it in another: Box(min, max) over all blocks."""
     eps = episodes(obs_dim=3, act_dim=2, layout=[(30, "term")] * 12, seed=10)
     eps[-1]["actions"][3] = [2.5, -3.0]
-    r = flat_rows(eps)
-    src = write_parquet(tmp_path / "src.parquet", {"observations": r["observations"], "actions": r["actions"],
-                                                   "rewards": r["rewards"], "next_observations": r["next_observations"],
-                                                   "terminations": r["terminations"], "truncations": r["truncations"]})
+    src = parquet_source(tmp_path, eps, episode_ids=False)
     a, b = whole_then_blocks(monkeypatch, tmp_path, str(src))
     assert_same_dataset(tmp_path, a, b)
     assert b["action_space"]["high"][0] == pytest.approx(2.5) and b["action_space"]["low"][1] == pytest.approx(-3.0)
