@@ -26,7 +26,8 @@ from typing import Any
 from ..errors import ConfigError, RayOfflineError
 from .config import RunConfig
 from .logger import Progress
-from .worker import RunSpec, WorkerContext, _printer, dataset_bytes, memory_budget, open_dataset, run_training
+from .worker import (RunSpec, WorkerContext, dataset_bytes, memory_budget, open_dataset, printer,
+                     remove_new_run, run_training)
 
 RAY_TRAIN_DIR = "ray_train"
 
@@ -281,7 +282,7 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
             raise ConfigError(f"data_mode split: the dataset has {len(files)} shard files for {run.num_workers} "
                               f"workers; convert it again with `rayoffline data convert ... --shards "
                               f"{4 * run.num_workers}` (at least one file per worker, 4 per worker recommended)")
-    say = _printer(run.progress)
+    say = printer(run.progress)
     say(f"{spec.cfg['algo_name']}: {len(spec.cfg['members'])} member(s), {run.steps} steps of global batch "
         f"{run.batch_size} on {run.num_workers} Ray Train workers ({run.cpus_per_worker:g} CPU"
         + (f", {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "") + " each); " + why + f" -> {run_dir}")
@@ -300,7 +301,7 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
             trainer.fit()
     except BaseException as e:
         if not spec.resume and spec.checkpoint is None and not any((run_dir / "checkpoints").glob("step_*.pt")):
-            _remove_started(run_dir, created)
+            remove_new_run(run_dir, created)
         user = _user_error(e)
         if user is not None:
             raise type(user)(str(user)) from None
@@ -309,8 +310,3 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
         logging.getLogger("ray").removeHandler(log_handler)
         log_handler.close()
     return json.loads((run_dir / "result.json").read_text())
-
-
-def _remove_started(run_dir: Path, created: bool) -> None:
-    from .worker import _remove_new_run
-    _remove_new_run(run_dir, created)

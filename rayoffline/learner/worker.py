@@ -159,7 +159,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
         state = ckpt.load(checkpoint)
         learner.load_state_dict(state["learner"], where=checkpoint)
         start = int(state["step"])
-    say = _printer(run.progress if lead and spec.in_process else "off")
+    say = printer(run.progress if lead and spec.in_process else "off")
     if spec.resume:
         last = spec.data_changes[-1] if spec.data_changed_now else None
         say(f"resuming {run_dir} at step {start} of {run.steps}"
@@ -192,7 +192,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
             logger.close()
             logger = None
         if fresh and finished_steps == 0:  # nothing trained: leave nothing that blocks running it again
-            _remove_new_run(run_dir, created)
+            remove_new_run(run_dir, created)
         raise
     finally:
         if logger is not None:
@@ -278,7 +278,7 @@ def _evaluate_aside(algorithm, meta: dict[str, Any], episodes: int, seed: int) -
         algorithm.rng.set_state(saved)
 
 
-def _remove_new_run(run_dir: Path, created: bool) -> None:
+def remove_new_run(run_dir: Path, created: bool) -> None:
     """Undo what a fresh run wrote before its first update (its directory was new or empty)."""
     import shutil
     if created:
@@ -291,7 +291,7 @@ def _remove_new_run(run_dir: Path, created: bool) -> None:
             p.unlink(missing_ok=True)
 
 
-def _printer(progress: str):
+def printer(progress: str):
     """Status lines on stderr unless progress is 'off' (a terminal shows the progress bar besides)."""
     def say(msg: str) -> None:
         if progress != "off":
