@@ -101,6 +101,18 @@ class Algorithm(nn.Module):
         self.to(self.device)
         self.rng = MemberRNG(seeds, self.device, STREAM_NOISE)
         self._reduce_batch_stats = False  # replicate-mode data parallelism: batch statistics span all workers
+        self.member_steps: list[int] | None = None
+        """Each member's step during `update` (set by the learner; members of a pack may be at different steps,
+        equal modulo `step_period`). For per-member thresholds; `update`'s `step` serves periodic decisions."""
+
+    SHARED_STATE: ClassVar[frozenset[str]] = frozenset({"obs_mean", "obs_std", "act_low", "act_high"})
+    """state_dict entries that all members share; every other entry is stacked member-major along dim 0."""
+
+    @property
+    def step_period(self) -> int:
+        """`update` makes decisions on `step % step_period` (e.g. a delayed actor): members fused into one pass
+        must agree on their step modulo this."""
+        return 1
 
     # ----- to implement -------------------------------------------------------------------------------
     def build(self, gens: list[torch.Generator]) -> None:

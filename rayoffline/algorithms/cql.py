@@ -179,10 +179,14 @@ class CQL(Algorithm):
         if cfg.auto_entropy:
             alpha_loss = -self.log_alpha * (logp_pi.detach() + self.target_entropy).mean(1)  # (K,)
 
-        if step <= cfg.bc_steps:
+        warm = [s <= cfg.bc_steps for s in (self.member_steps or [step] * k)]  # per member: BC warm-up?
+        if all(warm):
             actor_obj = self.actor.log_prob(obs, act)                          # (K, B)
-        else:
+        elif not any(warm):
             actor_obj = twin_min(self.critic(obs, pi))                         # (K, B)
+        else:  # a pack whose members are at different steps
+            mask = torch.tensor(warm, device=obs.device)[:, None]
+            actor_obj = torch.where(mask, self.actor.log_prob(obs, act), twin_min(self.critic(obs, pi)))
         actor_loss = (alpha[:, None] * logp_pi - actor_obj).mean(1)            # (K,)
 
         # Every action is scored at s by the critics, M per state: [dataset | uniform | policy(s') | policy(s)],

@@ -113,6 +113,10 @@ class TD3BC(Algorithm):
             soft_update(self.critic_target, self.critic, self.cfg.tau)
             soft_update(self.actor_target, self.actor, self.cfg.tau)
 
+    @property
+    def step_period(self) -> int:
+        return self.cfg.policy_freq
+
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         return self.actor(obs)
 

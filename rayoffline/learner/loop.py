@@ -28,22 +28,51 @@ def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
 
 class FlatGroup:
     """One optimizer group whose parameters are views into one flat buffer and whose gradients are views
-    into another. Zeroing the gradients is one kernel, the data-parallel all-reduce one call, and Adam steps
-    a single tensor (torch.optim's per-tensor Python overhead was ~10% of a CPU update). Backward
-    accumulates into the gradient views in place, because they are defined before it runs."""
+    into another. Zeroing the gradients is one kernel and the data-parallel all-reduce one call; backward
+    accumulates into the gradient views in place, because they are defined before it runs.
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
+    Adam steps the buffer as K x P chunks (member k's rows of parameter p, contiguous because weights are
+    stacked member-major), in one fused multi-tensor call. Each chunk has its own step count, so members that
+    joined a pack at different steps keep their own bias correction, and a member's optimizer state is the
+    slice of its P chunks (`rayoffline/learner/pack_state.py`)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float, members: int = 1) -> None:
         self.params = params
         with torch.no_grad():
             self.flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
         self.flat.grad = torch.zeros_like(self.flat)
         offset = 0
+        spans = []
         for p in params:
             n = p.numel()
+            if p.shape[0] % members:
+                raise ValueError(f"parameter of shape {tuple(p.shape)} has no leading member dim of {members}")
             p.data = self.flat.data[offset: offset + n].view_as(p)
             p.grad = self.flat.grad[offset: offset + n].view_as(p)
+            spans.append((offset, n // members))
             offset += n
-        self.optimizer = _adam([self.flat], lr)
+        self.chunks = []  # member-major: chunk k * P + p is member k's part of parameter p
+        self.spans = []  # (offset, numel) of each chunk in `flat`
+        for k in range(members):
+            for start, size in spans:
+                a = start + k * size
+                self.spans.append((a, size))
+                chunk = self.flat.data[a: a + size]
+                chunk.grad = self.flat.grad[a: a + size]
+                self.chunks.append(chunk)
+        self.optimizer = _adam(self.chunks, lr)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Load an optimizer state; one written before the chunks (a single tensor over the whole buffer, one
+        step count) is cut into them."""
+        if len(saved["param_groups"][0]["params"]) == 1 and len(self.chunks) > 1:
+            whole = saved["state"].get(0, {})
+            state = {i: {"step": whole["step"].clone(),
+                         **{k: v[a: a + n].clone() for k, v in whole.items() if k != "step"}}
+                     for i, (a, n) in enumerate(self.spans)} if whole else {}
+            saved = {"state": state, "param_groups": [{**saved["param_groups"][0],
+                                                       "params": list(range(len(self.chunks)))}]}
+        self.optimizer.load_state_dict(saved)
 
     def step(self) -> None:
         self.optimizer.step()
@@ -85,7 +114,8 @@ class Learner:
                                  shared=shared)
         algorithm.set_data_parallel(self.rank, self.world, shared)
         self.groups: dict[str, FlatGroup] = {
-            name: FlatGroup(list(params), lr) for name, (params, lr) in algorithm.optim_groups().items()}
+            name: FlatGroup(list(params), lr, algorithm.K) for name, (params, lr) in algorithm.optim_groups().items()}
+        self.member_steps = [0] * algorithm.K  # updates each member has had (members of a pack may differ)
         self.optimizers = {name: g.optimizer for name, g in self.groups.items()}
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -104,10 +134,19 @@ class Learner:
             g.flat.grad /= torch.distributed.get_world_size()
         g.step()
 
-    def step(self, step: int) -> None:
-        """One update of every group, in the algorithm's order. No host synchronization."""
+    def step(self, step: int | None = None) -> None:
+        """One update of every member and group, in the algorithm's order. No host synchronization.
+
+        Every member counts its own steps (`member_steps`); `step`, when given, is checked against them. The
+        algorithm gets member 0's step number for its periodic decisions (e.g. TD3+BC's delayed actor), which
+        a pack keeps equal for all members modulo the algorithm's `step_period`, and the per-member counts in
+        `algorithm.member_steps` for per-member thresholds."""
+        self.member_steps = [s + 1 for s in self.member_steps]
+        if step is not None and step != self.member_steps[0]:
+            raise ValueError(f"learner is at step {self.member_steps[0]}, asked for step {step}")
+        self.algorithm.member_steps = self.member_steps
         batch = self.sample()
-        for group, loss, metrics in self.algorithm.update(batch, step):
+        for group, loss, metrics in self.algorithm.update(batch, self.member_steps[0]):
             self.apply(group, loss)
             self._accumulate(f"loss/{group}", loss.detach())
             for name, value in metrics.items():
@@ -149,6 +188,8 @@ class Learner:
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "sampler_rng": self.sampler.get_state(),
             "data_parallel": {"mode": self.mode, "world": self.world},
+            "members": self.algorithm.K,
+            "member_steps": list(self.member_steps),
         }
         if self.mode == "split" and self.world > 1:
             mine = {"sampler_rng": state["sampler_rng"], "algorithm_extra": state["algorithm_extra"]}
@@ -157,14 +198,21 @@ class Learner:
             state["rank_streams"] = gathered
         return state
 
-    def load_state_dict(self, state: dict[str, Any], where: str = "checkpoint") -> None:
+    def load_state_dict(self, state: dict[str, Any], where: str = "checkpoint", step: int | None = None) -> None:
+        """Restore `state` (Learner.state_dict()). `step`: the checkpoint's step, for checkpoints written before
+        members counted their own steps."""
         try:
+            steps = state.get("member_steps", [step] * self.algorithm.K if step is not None else None)
+            if steps is None or len(steps) != self.algorithm.K:
+                raise ValueError(f"the checkpoint counts steps for {len(steps or [])} members, this run has "
+                                 f"{self.algorithm.K}")
+            self.member_steps = [int(s) for s in steps]
             self.algorithm.load_state_dict(state["algorithm"])
             self.algorithm.load_extra_state(state["algorithm_extra"])
             if set(state["optimizers"]) != set(self.optimizers):
                 raise ValueError(f"optimizer groups {sorted(state['optimizers'])} != {sorted(self.optimizers)}")
-            for k, o in self.optimizers.items():
-                o.load_state_dict(state["optimizers"][k])
+            for k, g in self.groups.items():
+                g.load_state_dict(state["optimizers"][k])
             saved = state.get("data_parallel", {"mode": "replicate", "world": 1})
             if self.mode == "split" and self.world > 1 or saved["mode"] == "split" and saved["world"] > 1:
                 if (saved["mode"], saved["world"]) != (self.mode, self.world):

@@ -157,7 +157,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
     checkpoint = ctx.checkpoint or spec.checkpoint
     if checkpoint is not None:
         state = ckpt.load(checkpoint)
-        learner.load_state_dict(state["learner"], where=checkpoint)
+        learner.load_state_dict(state["learner"], where=checkpoint, step=int(state["step"]))
         start = int(state["step"])
     say = printer(run.progress if lead and spec.in_process else "off")
     if spec.resume:
