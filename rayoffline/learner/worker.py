@@ -257,7 +257,7 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
         return None
     if start >= run.steps:  # resumed a finished run: nothing trained, evaluate what is there
         last_eval = _evaluate_aside(algorithm, meta, run.eval_episodes, run.seed) if run.eval_episodes else None
-    result = _result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
+    result = make_result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
                      time.perf_counter() - t_start)
     result["num_workers"] = ctx.world
     result["time_to_first_update_s"] = first_update_s  # from the train() call (start-up: Ray, data, networks)
@@ -304,7 +304,7 @@ def evaluate_members(algorithm, meta: dict[str, Any], episodes: int, seed: int) 
     return evaluate(algorithm, meta, episodes, seed=seed)
 
 
-def _result(cfg: dict[str, Any], meta: dict[str, Any], ev: dict[str, Any] | None, run: RunConfig,
+def make_result(cfg: dict[str, Any], meta: dict[str, Any], ev: dict[str, Any] | None, run: RunConfig,
             updates_per_s: float | None, wall_s: float) -> dict[str, Any]:
     k = len(cfg["members"])
     members = []
