@@ -115,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--episodes", type=int, default=10, help="episodes per member (default: 10)")
 
+    w = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune, configurations fused into packs")
+    w.add_argument("sweep", nargs="?", default=None,
+                   help="sweep YAML (see tune_configs/); not needed with --resume (OUT/sweep.yaml is used)")
+    w.add_argument("--out", default=None, help="sweep directory (default: runs/<sweep name>; with --resume, the "
+                                               "sweep to continue)")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep key, e.g. config.steps=5000, max_concurrency=4, "
+                        "space.algo.cql_alpha={grid: [1, 5]}")
+    w.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out after its driver stopped: finished configurations are not "
+                        "run again, the others continue from their last checkpoints")
+    w.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto or ray://HOST:10001 (default: $RAY_ADDRESS, else a local Ray)")
+    w.add_argument("--verbose", action="store_true", help="show Ray Tune's own output (always kept in OUT/ray.log)")
+
     sub.add_parser("algos", help="list algorithms and their config fields")
     d = sub.add_parser("demo", help="the main job on an embedded dataset (IQL on builtin:pendulum-medium)")
     d.add_argument("--out", default="runs/demo")
@@ -171,6 +186,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .learner.commands import eval_from_cli
         return eval_from_cli(args)
+    if args.command == "tune":
+        from .sweep.run import tune
+        tune(args.sweep, out=args.out, overrides=args.set, resume=args.resume, address=args.address,
+             verbose=args.verbose)
+        return 0
     if args.command == "algos":
         from .learner.commands import describe_algorithms
         print(describe_algorithms())

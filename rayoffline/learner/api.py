@@ -70,6 +70,29 @@ def _check_data_identity(run_dir: Path, saved_data: str, given: str | None, save
     return data, new_hash, {"from_hash": saved_hash, "to_hash": new_hash, "data": data}
 
 
+def _from_config_file(config: dict[str, Any] | str | Path | None, algo: str | None,
+                      data: str | None) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """A config that names its algorithm and dataset (a sweep's best.yaml, a run's config.yaml) supplies them
+    when --algo/--data are not given; given and different, it is an error. The run records config.yaml keeps
+    (data_hash, data_changes) are dropped: they describe the old run, not the new one."""
+    if config is None:
+        return None, algo, data
+    raw = load_config_file(config) if isinstance(config, (str, Path)) else json.loads(json.dumps(config))
+    where = f"{config}" if isinstance(config, (str, Path)) else "config"
+    named_algo, named_data = raw.pop("algo_name", None), raw.pop("data", None)
+    raw.pop("data_hash", None)
+    raw.pop("data_changes", None)
+    if named_algo is not None and algo is not None and named_algo != algo:
+        raise ConfigError(f"{where}: algo_name is {named_algo!r} but --algo says {algo!r}; drop one of them")
+    if named_data is not None and data is not None and str(named_data) != str(data):
+        from ..data import is_uri
+        if is_uri(str(named_data)) or str(Path(str(named_data)).resolve()) != str(data):
+            raise ConfigError(f"{where}: data is {named_data!r} but --data says {data!r}; drop one of them")
+    if data is None and named_data is not None:
+        data = str(named_data)
+    return raw, algo or named_algo, data
+
+
 def train(algo: str | None, data: str | None, out: str | Path, steps: int | None = None,
           config: dict[str, Any] | str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
           seed: int | None = None, resume: bool = False, allow_data_change: bool = False,
@@ -157,6 +180,9 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         if cfg["run"].steps < start:
             raise ConfigError(f"--steps {cfg['run'].steps} is below the {start} steps {run_dir} has already trained")
     else:
+        config, algo, data = _from_config_file(config, algo, data)
+        if data is not None and not data.startswith(("builtin:", "minari:")) and not is_uri(data):
+            data = str(Path(data).resolve())
         if algo is None or data is None:
             raise ConfigError("train needs an algorithm (--algo) and a dataset (--data)")
         cfg = build_config(algo, config, overrides, steps=steps, seed=seed)

@@ -106,6 +106,9 @@ class WorkerContext:
     report: Callable[[int, dict[str, Any], Path | None], None] | None = None
     node: str | None = None
     """The Ray node this worker runs on (recorded in result.json's worker_nodes)."""
+    on_log: Callable[[int, dict[str, Any], Path | None], None] | None = None
+    """Called on rank 0 after every step that logged metrics or an evaluation: (step, that step's metrics,
+    the checkpoint written at that step or None). A Tune trial reports through it."""
 
 
 class _Silent:
@@ -217,6 +220,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     t0, s0 = time.perf_counter(), start
     first_update_s = None
     for step in range(start + 1, run.steps + 1):
+        logged: dict[str, Any] = {}
+        written: Path | None = None
         learner.step(step)
         logger.advance()
         if first_update_s is None and spec_submitted:
@@ -230,12 +235,14 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
             metrics["perf/updates_per_s"] = rate
             metrics["perf/member_updates_per_s"] = rate * k
             logger.log(step, metrics)
+            logged.update(metrics)
             last_metrics = {"step": step, **metrics}
             t0, s0 = time.perf_counter(), step
         if step == run.steps or (run.checkpoint_every and step % run.checkpoint_every == 0):
             tc = time.perf_counter()
             state = payload()
             path = ckpt.save(run_dir, step, state, keep=run.keep_checkpoints) if lead else None
+            written = path
             if ctx.report is not None:
                 ctx.report(step, last_metrics, path)
             t0 += time.perf_counter() - tc
@@ -244,11 +251,16 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
         if evaluate_now:
             te = time.perf_counter()
             last_eval = _evaluate_aside(algorithm, meta, run.eval_episodes, run.seed)
-            logger.log(step, {"eval/return_mean": last_eval["return_mean"],
-                              "eval/return_std": last_eval["return_std"],
-                              **({"eval/normalized_score": last_eval["normalized_score"]}
-                                 if last_eval["normalized_score"][0] is not None else {})})
+            row = {"eval/return_mean": last_eval["return_mean"], "eval/return_std": last_eval["return_std"],
+                   **({"eval/normalized_score": last_eval["normalized_score"]}
+                      if last_eval["normalized_score"][0] is not None else {})}
+            logger.log(step, row)
+            logged.update(row)
             t0 += time.perf_counter() - te
+        if lead and ctx.on_log is not None and logged:
+            tc = time.perf_counter()
+            ctx.on_log(step, logged, written)
+            t0 += time.perf_counter() - tc
     nodes = [ctx.node]
     if ctx.world > 1:
         nodes = [None] * ctx.world

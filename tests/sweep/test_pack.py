@@ -9,7 +9,7 @@ import pytest
 
 import rayoffline
 from rayoffline.learner.config import build_config
-from rayoffline.tune.pack import Pack
+from rayoffline.sweep.pack import Pack
 
 DATA = "builtin:pendulum-medium"
 BASE = {"steps": 40, "batch_size": 32, "log_every": 10, "checkpoint_every": 20, "eval_every": 20,

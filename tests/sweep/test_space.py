@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from rayoffline.errors import ConfigError
-from rayoffline.tune import space as S
+from rayoffline.sweep import space as S
 
 SWEEP_YAML = """\
 algo: cql

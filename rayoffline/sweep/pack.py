@@ -6,7 +6,7 @@ one K-member learner (`Learner`, the one training loop) and hands every trial it
 run, checkpoints and result in its own run directory, which `rayoffline eval` and `load_run` read like any
 run's.
 
-Protocol (the trial side is `rayoffline/tune/trial.py`):
+Protocol (the trial side is `rayoffline/sweep/trial.py`):
 - `join(trial, spec)`: the trial's members enter at the next interval boundary, fresh or from a checkpoint
   (a resumed, restarted or PBT-exploited trial: its members continue at their own step);
 - `next(trial, after_step)`: blocks until the trial's next interval is done and returns its metrics (and its
@@ -35,6 +35,9 @@ from typing import Any
 
 import torch
 import yaml
+
+EXPECT_S = 10.0
+"""How long a pack holds its next pass for trials assigned to it that have not joined yet."""
 
 ACK_TIMEOUT_S = 600.0
 """A member whose trial neither takes its result nor leaves within this long is dropped (its trial died
@@ -79,6 +82,7 @@ class Pack:
         self.data = data_mod.load(self.data_path, device=self.device)
         self.ack_timeout_s, self.gather_s = ack_timeout_s, gather_s
         self.last_join = 0.0
+        self.expected: dict[str, float] = {}  # trials assigned here that have not joined yet -> since when
         self.stats_path = Path(stats_dir) / f"{name}.json" if stats_dir else None
         self.members: list[_Member] = []      # in pass order
         self.joining: list[_Member] = []
@@ -97,9 +101,12 @@ class Pack:
         self.thread.start()
 
     # ----- called by trials ---------------------------------------------------------------------------
-    def join(self, trial: str, cfg: dict[str, Any], run_dir: str, state: bytes | None = None) -> int:
-        """Add a trial's members (cfg: build_config's result). Returns the step they start at."""
+    def join(self, trial: str, config: dict[str, Any], run_dir: str, state: bytes | None = None) -> int:
+        """Add a trial's members (config: its run config mapping, `members:` giving its seeds; or build_config's
+        result). Returns the step they start at."""
+        from ..learner.config import build_config
         from ..learner.loop import Learner
+        cfg = config if "algo_name" in config else build_config(self.algo, config)
         from ..learner.worker import _build_algorithm
         # the trial's members as a learner of their own: a fresh one's initial state is exactly a solo run's,
         # and a checkpoint that does not fit fails this trial here, not the pack
@@ -116,6 +123,7 @@ class Pack:
                 raise RuntimeError(f"pack {self.name} failed: {self.error}")
             self.joining = [j for j in self.joining if j.trial != trial] + [m]
             self.last_join = time.time()
+            self.expected.pop(trial, None)
             if any(x.trial == trial for x in self.members):  # a restarted trial: its old members leave first
                 self.leaving.add(trial)
             self.outbox[trial] = []
@@ -151,6 +159,14 @@ class Pack:
                     raise TimeoutError(f"trial {trial}: no result within {timeout} s")
                 self.lock.wait(1.0)
 
+    def expect(self, trials: list[str]) -> None:
+        """These trials were assigned here and will join soon: the pass waits for them (up to EXPECT_S) before
+        it starts, so that trials starting together train together from their first step."""
+        with self.lock:
+            for t in trials:
+                if self._find(t) is None:  # (its join may have arrived first)
+                    self.expected.setdefault(t, time.time())
+
     def leave(self, trial: str) -> None:
         self.drop([trial])
 
@@ -163,6 +179,7 @@ class Pack:
                 if m.trial in gone:
                     self.leaving.add(m.trial)
             for t in gone:
+                self.expected.pop(t, None)
                 self.outbox.pop(t, None)
                 self.waiting.discard(t)
             self.lock.notify_all()
@@ -198,7 +215,9 @@ class Pack:
                     while not self.closed:
                         self._drop_stale()
                         ready = all(m.trial in self.waiting or m.trial in self.leaving for m in self.members)
-                        settling = self.joining and time.time() - self.last_join < self.gather_s
+                        now = time.time()
+                        settling = bool(self.joining) and (now - self.last_join < self.gather_s or any(
+                            now - t < EXPECT_S for t in self.expected.values()))
                         if ready and not settling and (self.joining or self.leaving or self.members):
                             break
                         self.lock.wait(0.05 if settling else 0.5)

@@ -1,0 +1,275 @@
+"""What runs inside Ray for a sweep: the trial functions Tune calls, the pack actors and their coordinator.
+
+- `fused_trial`: a lightweight Tune trial (a small CPU share, no torch work of its own) for one configuration.
+  It asks the sweep's `Coordinator` for a pack of its key, joins it (from its Tune checkpoint when Tune restores,
+  retries or PBT-exploits it) and relays: every interval's metrics to `tune.report`, with the checkpoint the
+  pack wrote when one is due. Schedulers, search algorithms, results and `Tuner.restore` see ordinary trials.
+- `solo_trial`: one configuration in its own process (`fuse: false`), the one worker function with a per-interval
+  report hook; with `resources.workers > 0` a Ray Train run of its own.
+- `Coordinator`: one actor per sweep, created by the driver (so the packs it creates share the driver's fate and a
+  killed driver leaves nothing running). It assigns trials to packs (the fullest pack of the key with room,
+  else a new one), drops trials Tune no longer runs from their packs, and replaces a pack whose actor died.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+TRIAL_CPU = 0.01
+"""CPU share a fused trial asks Tune for: it only relays; its pack holds the real resources."""
+
+
+def summarize(row: dict[str, Any]) -> dict[str, Any]:
+    """A run's metrics row (per-member lists for K > 1) -> what the trial reports to Tune: the mean over the
+    configuration's seeds under the metric's own name, and the spread across seeds as `seed_std/<name>`."""
+    out: dict[str, Any] = {}
+    for key, v in row.items():
+        if isinstance(v, (list, tuple)):
+            vals = [float(x) for x in v if x is not None]
+            if not vals:
+                continue
+            mean = sum(vals) / len(vals)
+            out[key] = mean
+            out[f"seed_std/{key}"] = math.sqrt(sum((x - mean) ** 2 for x in vals) / len(vals))
+        elif v is not None:
+            out[key] = v
+    return out
+
+
+def trial_config(sweep: dict[str, Any], config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the run config mapping of one trial's configuration: the sweep's fixed config, the trial's values and
+    its seeds as members; its pack key). Plain data: build_config turns it into a run's config."""
+    from .space import Sweep, pack_fields
+    spec = Sweep(**sweep)
+    raw, key = pack_fields(spec, config)
+    raw = json.loads(json.dumps(raw))
+    raw["members"] = [{"seed": s} for s in spec.seeds]
+    raw["progress"] = "off"
+    return raw, key
+
+
+def _trial_dir(ctx: dict[str, Any]) -> Path:
+    from ray import tune
+    return Path(ctx["out"]) / "trials" / tune.get_context().get_trial_id()
+
+
+def _checkpoint_bytes() -> bytes | None:
+    from ray import tune
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return (Path(d) / "member.pt").read_bytes()
+
+
+def _report(metrics: dict[str, Any], checkpoint: bytes | Path | None) -> None:
+    from ray import tune
+    if checkpoint is None:
+        tune.report(metrics)
+        return
+    tmp = tempfile.mkdtemp(prefix="rayoffline-ckpt-")
+    try:
+        dest = Path(tmp) / "member.pt"
+        if isinstance(checkpoint, bytes):
+            dest.write_bytes(checkpoint)
+        else:
+            shutil.copyfile(checkpoint, dest)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class TrialFailed(RuntimeError):
+    """A trial's members failed in their pack (a non-finite loss, a pack that died): Tune retries the trial
+    from its last checkpoint up to max_failures times; its pack-mates go on."""
+
+
+def fused_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """Relays between Tune and the trial's pack; imports neither torch nor the learner (a sweep runs hundreds of
+    these processes: the coordinator builds the config, the pack trains)."""
+    from ray import tune
+    trial = tune.get_context().get_trial_id()
+    coordinator = ray.get_actor(ctx["coordinator"], namespace=ctx["namespace"])
+    state = _checkpoint_bytes()
+    pack, raw = ray.get(coordinator.assign.remote(trial, config))
+    step = ray.get(pack.join.remote(trial, raw, str(_trial_dir(ctx)), state))
+    while True:
+        r = ray.get(pack.next.remote(trial, step))
+        if r["error"]:
+            raise TrialFailed(r["error"])
+        step = r["step"]
+        _report({"step": step, **summarize(r["metrics"])}, r["checkpoint"])
+        if r["done"]:
+            return
+
+
+def solo_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One configuration in this process (fuse: false), or as a Ray Train run (resources.workers > 0)."""
+    from ray import tune
+    from ..learner.worker import RunSpec, WorkerContext, run_training
+    from ..learner.config import build_config
+    raw, _ = trial_config(ctx["sweep"], config)
+    cfg = build_config(ctx["sweep"]["algo"], raw)
+    run_dir = _trial_dir(ctx)
+    state = _checkpoint_bytes()
+    tmp = None
+    checkpoint = None
+    if state is not None:
+        tmp = tempfile.mkdtemp(prefix="rayoffline-resume-")
+        checkpoint = str(Path(tmp) / "member.pt")
+        Path(checkpoint).write_bytes(state)
+    workers = int(ctx["sweep"]["resources"].get("workers", 0))
+    try:
+        if workers > 0:
+            _distributed_trial(ctx, cfg, run_dir, checkpoint is not None)
+            return
+
+        def on_log(step: int, row: dict[str, Any], path: Path | None) -> None:
+            _report({"step": step, **summarize(row)}, path)
+
+        spec = RunSpec(cfg=cfg, data=ctx["sweep"]["data"], run_dir=str(run_dir), resume=checkpoint is not None,
+                       checkpoint=checkpoint, in_process=False)
+        run_training(spec, WorkerContext(on_log=on_log))
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _distributed_trial(ctx: dict[str, Any], cfg: dict[str, Any], run_dir: Path, resume: bool) -> None:
+    """A trial that is a Ray Train run: train() runs in a thread; this one reports each metrics.jsonl row
+    rank 0 appends, and the final checkpoint."""
+    from ..config import to_dict
+    from ..learner import api, checkpoint as ckpt
+    sweep = ctx["sweep"]
+    raw = {**to_dict(cfg["run"]), "algo": to_dict(cfg["members"][0]), "members": [{"seed": s} for s in cfg["seeds"]],
+           "num_workers": int(sweep["resources"]["workers"]), "cpus_per_worker": float(sweep["resources"]["cpus"]),
+           "gpus_per_worker": float(sweep["resources"]["gpus"])}
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            if resume and (run_dir / "config.yaml").exists():
+                box["result"] = api.train(None, None, run_dir, resume=True)
+            else:
+                box["result"] = api.train(cfg["algo_name"], sweep["data"], run_dir, config=raw)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread
+            box["error"] = e
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    seen = 0
+    path = run_dir / "metrics.jsonl"
+    while True:
+        alive = th.is_alive()
+        rows = []
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            complete = lines if not alive else lines[:-1]  # the last line may be half-written
+            rows = [json.loads(x) for x in complete[seen:] if x.strip()]
+            seen += len(rows)
+        for row in rows[:-1] if not alive else rows:
+            _report(summarize(row), None)
+        if not alive:
+            if "error" in box:
+                raise box["error"]
+            last = rows[-1] if rows else {"step": cfg["run"].steps}
+            _report(summarize(last), ckpt.latest(run_dir))
+            return
+        time.sleep(1.0)
+
+
+# ----- the pack actors and their coordinator ---------------------------------------------------------------
+class Coordinator:
+    """Assigns trials to packs; one per sweep (see the module docstring)."""
+
+    def __init__(self, sweep: dict[str, Any], out: str, pack_size: int | None, prefix: str) -> None:
+        self.sweep, self.out = sweep, out
+        self.pack_size = pack_size          # members per pack; None: as many as a pack's device holds
+        self.prefix = prefix                # pack actors are named PREFIX-packNNN-KEY (in the driver's namespace)
+        self.packs: dict[str, dict[str, Any]] = {}   # name -> {"key", "actor", "members": {trial: size}}
+        self.count = 0
+
+    def assign(self, trial: str, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """(the pack actor that trains this trial's configuration, its run config mapping)."""
+        raw, key = trial_config(self.sweep, config)
+        size = len(raw["members"])
+        for p in self.packs.values():
+            p["members"].pop(trial, None)
+        self._prune_dead()
+        limit = self._limit()
+        mine = [p for p in self.packs.values() if p["key"] == key
+                and sum(p["members"].values()) + size <= max(limit, size)]
+        if mine:
+            pack = max(mine, key=lambda p: sum(p["members"].values()))
+        else:
+            pack = self._new_pack(key)
+        pack["members"][trial] = size
+        pack["actor"].expect.remote([trial])
+        return pack["actor"], raw
+
+    def drop(self, trials: list[str]) -> None:
+        """Trials Tune no longer runs leave their packs; a pack left empty is closed, so that its CPUs or GPU
+        go to a pack of another key (packs of different shapes share a device one after the other)."""
+        gone = set(trials)
+        for name, p in list(self.packs.items()):
+            mine = [t for t in p["members"] if t in gone]
+            if mine:
+                for t in mine:
+                    p["members"].pop(t)
+                p["actor"].drop.remote(mine)
+                if not p["members"]:
+                    self._close(name)
+
+    def packs_info(self) -> list[dict[str, Any]]:
+        return [{"name": n, "key": p["key"], "members": dict(p["members"])} for n, p in self.packs.items()]
+
+    def shutdown(self) -> None:
+        for name in list(self.packs):
+            self._close(name)
+
+    def _close(self, name: str) -> None:
+        p = self.packs.pop(name)
+        try:
+            ray.get(p["actor"].close.remote(), timeout=30)  # its stats file is complete
+        except Exception:  # noqa: BLE001 - closing what may already be dead
+            pass
+        ray.kill(p["actor"])
+
+    def _limit(self) -> int:
+        if self.pack_size is not None:
+            return self.pack_size
+        return 1 << 30
+
+    def _prune_dead(self) -> None:
+        """Forget packs whose actor died (their trials fail, and Tune retries them into a new pack). A pack
+        still waiting for its CPUs or GPU does not answer yet, and counts as alive."""
+        refs = {name: p["actor"].ping.remote() for name, p in self.packs.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=2.0) if refs else ([], [])
+        for name, ref in refs.items():
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception:  # noqa: BLE001 - RayActorError and kin: the actor is gone
+                    del self.packs[name]
+
+    def _new_pack(self, key: str) -> dict[str, Any]:
+        from .pack import Pack
+        res = self.sweep["resources"]
+        name = f"pack{self.count:03d}-{key[:8]}"
+        self.count += 1
+        actor = ray.remote(Pack).options(
+            num_cpus=float(res["cpus"]), num_gpus=float(res["gpus"]), max_concurrency=1000,
+            name=f"{self.prefix}-{name}", max_restarts=0).remote(
+                name, self.sweep["algo"], self.sweep["data"], device="cuda" if res["gpus"] > 0 else "cpu",
+                threads=0, stats_dir=str(Path(self.out) / "packs"))
+        self.packs[name] = {"key": key, "actor": actor, "members": {}}
+        return self.packs[name]
