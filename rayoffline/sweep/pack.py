@@ -201,6 +201,34 @@ class Pack:
     def ping(self) -> str:
         return self.name
 
+    def capacity(self, config: dict[str, Any], headroom: float = 0.8) -> int | None:
+        """How many members of `config` (a trial's run config mapping) this pack's GPU holds besides what it
+        holds now: the device memory that one more member takes, measured as the growth of peak memory from a
+        2- to a 4-member pass, into `headroom` of the free memory. None on CPUs (no device limit)."""
+        if self.device.type != "cuda":
+            return None
+        from ..learner.config import build_config
+        from ..learner.loop import Learner
+        from ..learner.worker import _build_algorithm
+        cfg = build_config(self.algo, {**config, "members": [{}]})
+        peaks = []
+        for k in (2, 4):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            many = {**cfg, "members": cfg["members"] * k, "seeds": list(range(k))}
+            learner = Learner(_build_algorithm(many, self.meta, self.device), self.data, cfg["run"].batch_size)
+            for _ in range(3):
+                learner.step()
+            learner.pop_metrics()
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+            del learner
+        torch.cuda.empty_cache()
+        per_member = max((peaks[1] - peaks[0]) / 2, 1.0)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, int(headroom * free / per_member))
+
     # ----- the training thread ------------------------------------------------------------------------
     def _find(self, trial: str) -> _Member | None:
         for m in self.members + self.joining:

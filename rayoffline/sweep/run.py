@@ -93,6 +93,9 @@ def _connect(spec, address: str | None, out: Path, verbose: bool) -> logging.Han
     import ray
     from .._ray import ensure_ray
     from .space import check_resources
+    ensure_ray(address=address or None, log_to_driver=verbose)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_resources(spec, ray.cluster_resources(), nodes)  # before OUT is created: a refused sweep leaves nothing
     out.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "ray.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -100,9 +103,6 @@ def _connect(spec, address: str | None, out: Path, verbose: bool) -> logging.Han
     lg.addHandler(handler)
     if lg.level == logging.NOTSET or lg.level > logging.INFO:
         lg.setLevel(logging.INFO)
-    ensure_ray(address=address or None, log_to_driver=verbose)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_resources(spec, ray.cluster_resources(), nodes)
     return handler
 
 
@@ -128,7 +128,7 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
     from ..learner import checkpoint as ckpt
     from .results import build_rows, write_outputs, format_table
     from .space import make_scheduler, make_search, param_space
-    from .trial import TRIAL_CPU, Coordinator, fused_trial, solo_trial
+    from .trial import RELAY_RESOURCES, Coordinator, fused_trial, solo_trial
 
     if not verbose:  # Tune's console output (a banner, the TensorBoard hint) goes to OUT/ray.log instead
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -150,14 +150,14 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
             sweep_dict, str(out), size, coord_name)
         trainable = rt.with_resources(rt.with_parameters(fused_trial, ctx={
             "sweep": sweep_dict, "out": str(out), "coordinator": coord_name, "namespace": namespace}),
-            {"cpu": TRIAL_CPU})
+            RELAY_RESOURCES)
         how = (f"fused: configurations that differ only in per-member keys train in packs of up to "
                f"{size if size else 'what the device holds'} members "
                f"({spec.resources['cpus']:g} CPU{'s' if spec.resources['cpus'] != 1 else ''}"
                + (f", {spec.resources['gpus']:g} GPU" if spec.resources['gpus'] else "") + " per pack)")
     else:
         workers = int(spec.resources.get("workers", 0))
-        res = ({"cpu": TRIAL_CPU} if workers else
+        res = (RELAY_RESOURCES if workers else
                {"cpu": spec.resources["cpus"], "gpu": spec.resources["gpus"]})
         trainable = rt.with_resources(rt.with_parameters(solo_trial, ctx={"sweep": sweep_dict, "out": str(out)}),
                                       res)
@@ -192,9 +192,9 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
         if coordinator is not None:
             try:
                 ray.get(coordinator.shutdown.remote(), timeout=120)
-            except Exception:  # noqa: BLE001 - the driver is leaving anyway
+                ray.kill(coordinator)
+            except Exception:  # noqa: BLE001 - the driver is leaving anyway (Ray may be gone)
                 pass
-            ray.kill(coordinator)
     rows = build_rows(grid, spec, out)
     packs = _pack_stats(out)
     paths = write_outputs(rows, spec, out)

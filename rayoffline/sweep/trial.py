@@ -24,8 +24,10 @@ from typing import Any
 
 import ray
 
-TRIAL_CPU = 0.01
-"""CPU share a fused trial asks Tune for: it only relays; its pack holds the real resources."""
+RELAY_RESOURCES = {"cpu": 0, "memory": 2**20}
+"""What a trial that only relays asks Tune for (a fused trial; a Ray Train trial, whose workers ask for their own):
+no CPU, so that relays never keep a pack or a worker from being placed; Tune needs a non-empty request, hence
+a token 1 MiB of memory."""
 
 
 def summarize(row: dict[str, Any]) -> dict[str, Any]:
@@ -196,6 +198,7 @@ class Coordinator:
         self.pack_size = pack_size          # members per pack; None: as many as a pack's device holds
         self.prefix = prefix                # pack actors are named PREFIX-packNNN-KEY (in the driver's namespace)
         self.packs: dict[str, dict[str, Any]] = {}   # name -> {"key", "actor", "members": {trial: size}}
+        self.capacity: dict[str, int] = {}             # pack key -> members a pack holds (pack_size auto)
         self.count = 0
 
     def assign(self, trial: str, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -205,7 +208,7 @@ class Coordinator:
         for p in self.packs.values():
             p["members"].pop(trial, None)
         self._prune_dead()
-        limit = self._limit()
+        limit = self._limit(key, raw)
         mine = [p for p in self.packs.values() if p["key"] == key
                 and sum(p["members"].values()) + size <= max(limit, size)]
         if mine:
@@ -244,10 +247,17 @@ class Coordinator:
             pass
         ray.kill(p["actor"])
 
-    def _limit(self) -> int:
+    def _limit(self, key: str, raw: dict[str, Any]) -> int:
+        """Members per pack of `key`: pack_size when set; else what a pack's device holds (asked once per key
+        of its first pack: on a GPU it measures; on CPUs there is no device limit)."""
         if self.pack_size is not None:
             return self.pack_size
-        return 1 << 30
+        if key not in self.capacity:
+            mine = [p for p in self.packs.values() if p["key"] == key]
+            pack = mine[0] if mine else self._new_pack(key)
+            cap = ray.get(pack["actor"].capacity.remote(raw))
+            self.capacity[key] = cap if cap is not None else 1 << 30
+        return self.capacity[key]
 
     def _prune_dead(self) -> None:
         """Forget packs whose actor died (their trials fail, and Tune retries them into a new pack). A pack
