@@ -207,7 +207,12 @@ class Learner:
                 raise ValueError(f"the checkpoint counts steps for {len(steps or [])} members, this run has "
                                  f"{self.algorithm.K}")
             self.member_steps = [int(s) for s in steps]
+            # per-member coefficients come from this run's configs, not the checkpoint: they are equal on a
+            # resume, and differ where they should win (PBT continues a donor's weights with mutated values)
+            coefs = {n: b.clone() for n, b in self.algorithm.named_buffers() if n.startswith("coef_")}
             self.algorithm.load_state_dict(state["algorithm"])
+            for n, b in coefs.items():
+                getattr(self.algorithm, n).copy_(b)
             self.algorithm.load_extra_state(state["algorithm_extra"])
             if set(state["optimizers"]) != set(self.optimizers):
                 raise ValueError(f"optimizer groups {sorted(state['optimizers'])} != {sorted(self.optimizers)}")

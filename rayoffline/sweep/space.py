@@ -142,6 +142,8 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[s
                 config_sets[key[len("config."):]] = value
             elif key in _STRING_KEYS:
                 raw[key] = str(value)
+            elif key in ("scheduler", "search"):  # a new scheduler or search replaces the old one's options
+                raw[key] = plain(parse_overrides([item]))[key]
             else:
                 merge(raw, plain(parse_overrides([item])))
         except ConfigError as e:

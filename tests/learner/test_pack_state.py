@@ -96,3 +96,18 @@ def test_checkpoint_of_one_flat_optimizer_tensor_still_loads():
     b = _learner("td3_bc", [cfg], [5], data)
     b.load_state_dict(old, step=4)
     assert _steps(a, 2) == _steps(b, 2)
+
+
+def test_coefficients_come_from_the_config_not_the_checkpoint():
+    """PBT continues a donor's weights with mutated coefficients: the loading learner's configs win."""
+    cls = algorithms.get("iql")
+    data = random_data(spec_for(cls), n=512)
+    donor = _learner("iql", [cls.Config(hidden=(16, 16), beta=3.0)], [1], data)
+    _steps(donor, 3)
+    mutated = _learner("iql", [cls.Config(hidden=(16, 16), beta=7.0)], [1], data)
+    mutated.load_state_dict(copy.deepcopy(donor.state_dict()))
+    assert mutated.algorithm.coef("beta").tolist() == [7.0]
+    same = _learner("iql", [cls.Config(hidden=(16, 16), beta=3.0)], [1], data)
+    same.load_state_dict(copy.deepcopy(donor.state_dict()))
+    assert _steps(same, 2) == _steps(donor, 2)
+    assert _steps(mutated, 1)[0]["loss/actor"] != _steps(same, 1)[0]["loss/actor"]

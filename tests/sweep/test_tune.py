@@ -150,3 +150,23 @@ def test_driver_killed_mid_sweep_resumes_without_rerunning_finished_configuratio
     for r in rows:
         steps = [x["step"] for x in _rows(r["run_dir"])]
         assert steps == list(range(100, 601, 100))
+
+
+def test_unfused_optuna_sweep_trains_each_configuration_in_its_own_process(ray_cluster, tmp_path):
+    out = tmp_path / "sweep"
+    res = rayoffline.tune(_sweep(
+        space={"algo.expectile": {"uniform": [0.6, 0.9]}}, search={"type": "optuna", "seed": 3}, num_samples=3,
+        scheduler={"type": "fifo"}, fuse=False, seeds=[0], resources={"cpus": 1}, max_concurrency=2,
+        config={"steps": 100, "log_every": 50, "checkpoint_every": 100, "eval_episodes": 0, "batch_size": 32,
+                "algo": {"hidden": [16, 16]}},
+        metric="loss/critic", mode="min"), out=out, quiet=True)
+    rows = res["rows"]
+    assert [r["status"] for r in rows] == ["finished"] * 3
+    values = [r["config"]["algo.expectile"] for r in rows]
+    assert len(set(values)) == 3 and all(0.6 <= v <= 0.9 for v in values)  # Optuna's suggestions
+    assert [r["mean"] for r in rows] == sorted(r["mean"] for r in rows)  # ranked, mode min
+    assert not (out / "packs").exists()
+    for r in rows:
+        result = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+        assert result["members_per_pass"] == 1 and result["algo"] == "iql"
+        assert _rows(r["run_dir"])[-1]["loss/critic"] == pytest.approx(r["mean"])
