@@ -7,6 +7,9 @@
 #   3. issue 7: one Ray Train GPU worker vs in-process on the same GPU, CQL and IQL updates/s (target: <= 5%
 #      overhead), benchmarks/scaling.py --gpu
 #   4. learner throughput table on the GPU (benchmarks/throughput.py), K=1 and K=16
+#   5. issue 8: 16-configuration IQL and CQL sweeps fused (one pack on the GPU) vs unfused (16 trials sharing it),
+#      and 64 fused CQL configurations on Hopper-shaped data (target >= 10,000 member-updates/s),
+#      benchmarks/tune_throughput.py --gpu
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -24,3 +27,7 @@ timeout 240 .venv-gpu/bin/python benchmarks/scaling.py --gpu --algos cql,iql --s
   --json "$OUT/scaling_gpu.json" 2>&1 | tail -5 | tee "$OUT/scaling_gpu.txt"
 timeout 120 .venv-gpu/bin/python benchmarks/throughput.py --algos iql,cql,td3_bc --repeats 3 \
   2>&1 | tail -8 | tee "$OUT/throughput_gpu.txt"
+# issue 8: fused vs unfused sweeps on the GPU (targets: fused >= 10x unfused config-updates/s; 64 fused CQL
+# configurations >= 10,000 member-updates/s); every sweep a fresh `rayoffline tune` process, 1 repeat
+timeout 420 .venv-gpu/bin/python benchmarks/tune_throughput.py --gpu --repeats 1 --timeout 150 \
+  --json "$OUT/tune_gpu.json" 2>&1 | tail -24 | tee "$OUT/tune_gpu.txt"
