@@ -3,7 +3,7 @@
     import rayoffline
     result = rayoffline.train("iql", "builtin:pendulum-medium", "runs/iql", steps=20000)
     rayoffline.evaluate_run("runs/iql", episodes=20)
-    sweep = rayoffline.tune("tune_configs/quick_iql.yaml", out="runs/sweep")
+    sweep = rayoffline.tune("tune_configs/sweep_iql_quick.yaml", out="runs/sweep")
 
 The functions load on first use, so `import rayoffline` (and the CLI's start) stays fast.
 """

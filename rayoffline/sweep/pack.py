@@ -421,6 +421,7 @@ class Pack:
         rate = m.trained / m.train_s if m.train_s > 0 else None  # passes/s while this trial was in the pack
         result = make_result(m.cfg, self.meta, m.last_eval, m.cfg["run"], rate, wall)
         result["pack"] = self.name
+        result["pack_members"] = self.learner.algorithm.K  # members in the pass this trial finished in
         ckpt.atomic_write_text(m.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
 
     def _stats(self) -> dict[str, Any]:

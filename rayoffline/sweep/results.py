@@ -22,9 +22,9 @@ def build_rows(grid, spec, out: Path) -> list[dict[str, Any]]:
     """One row per Tune trial (configuration), ranked by the sweep's metric (its latest reported value: the
     configuration's mean over its seeds): finished configurations first, then ones a scheduler stopped early,
     then failed ones and ones that never reported the metric."""
-    steps = int(spec.config.get("steps", 100_000))
     rows = []
     for result in grid:
+        steps = int((result.config or {}).get("steps", spec.config.get("steps", 100_000)))
         tid = _trial_id(result)
         value = std = at = None
         df = result.metrics_dataframe

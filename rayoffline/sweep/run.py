@@ -115,7 +115,11 @@ def _pack_size(spec, total_configs: int) -> int | None:
         return int(spec.pack_size)
     if spec.resources["gpus"] > 0:
         return None
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // spec.resources["cpus"]))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
+        cpus = min(cpus, len(os.sched_getaffinity(0)))  # this machine: Ray's logical CPUs may exceed its cores
+    slots = max(1, int(cpus // spec.resources["cpus"]))
     concurrent = min(spec.max_concurrency or total_configs, total_configs)
     return max(len(spec.seeds), math.ceil(concurrent / slots) * len(spec.seeds))
 
@@ -146,7 +150,7 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
     coordinator = None
     if spec.fuse:
         size = _pack_size(spec, total)
-        coordinator = ray.remote(Coordinator).options(name=coord_name, num_cpus=0, max_concurrency=1).remote(
+        coordinator = ray.remote(Coordinator).options(name=coord_name, num_cpus=0, max_concurrency=64).remote(
             sweep_dict, str(out), size, coord_name)
         trainable = rt.with_resources(rt.with_parameters(fused_trial, ctx={
             "sweep": sweep_dict, "out": str(out), "coordinator": coord_name, "namespace": namespace}),
@@ -173,7 +177,9 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
     run_config = rt.RunConfig(
         name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[callback],
         failure_config=rt.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=rt.CheckpointConfig(num_to_keep=2))
+        # PBT restores trials from other trials' checkpoints at any time: keep them all (they are one
+        # configuration's members each); otherwise the newest two (resume, retries)
+        checkpoint_config=rt.CheckpointConfig(num_to_keep=None if spec.scheduler["type"] == "pbt" else 2))
     say(f"rayoffline tune: {spec.algo} on {spec.data}, {total} configuration{'s' if total != 1 else ''} x "
         f"{len(spec.seeds)} seed{'s' if len(spec.seeds) != 1 else ''}, {spec.metric} ({spec.mode}), "
         f"{spec.scheduler['type']} scheduler, {spec.search['type']} search; {how} -> {out}")
@@ -255,14 +261,13 @@ class _Watch:
             def on_step_end(self, iteration, trials, **info) -> None:
                 if self.coordinator is None:
                     return
+                # trials not running now leave their packs; a paused (PBT) or retried trial that runs again
+                # rejoins, and is dropped again when it next stops
                 ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR", "PAUSED")}
                 new = ended - self.ended
                 if new:
                     self.coordinator.drop.remote(sorted(new))
-                self.ended = {t for t in ended if t in self.ended or t in new}
-                # a paused trial that runs again may end again later
-                self.ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | \
-                    {t for t in new}
+                self.ended = ended
 
             def on_trial_complete(self, iteration, trials, trial, **info) -> None:
                 self.finished += 1

@@ -191,83 +191,91 @@ def _distributed_trial(ctx: dict[str, Any], cfg: dict[str, Any], run_dir: Path, 
 
 # ----- the pack actors and their coordinator ---------------------------------------------------------------
 class Coordinator:
-    """Assigns trials to packs; one per sweep (see the module docstring)."""
+    """Assigns trials to packs; one per sweep (see the module docstring). A threaded actor: `assign` may wait for
+    a new pack to measure its device, and `drop` (which frees a device by closing an empty pack) must get
+    through meanwhile; the shared state is guarded by one lock that no call holds while it waits on Ray."""
 
     def __init__(self, sweep: dict[str, Any], out: str, pack_size: int | None, prefix: str) -> None:
         self.sweep, self.out = sweep, out
         self.pack_size = pack_size          # members per pack; None: as many as a pack's device holds
         self.prefix = prefix                # pack actors are named PREFIX-packNNN-KEY (in the driver's namespace)
-        self.packs: dict[str, dict[str, Any]] = {}   # name -> {"key", "actor", "members": {trial: size}}
+        self.packs: dict[str, dict[str, Any]] = {}   # name -> {"key", "actor", "members": {trial: size}, "ping"}
         self.capacity: dict[str, int] = {}             # pack key -> members a pack holds (pack_size auto)
         self.count = 0
+        self.lock = threading.RLock()
 
     def assign(self, trial: str, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """(the pack actor that trains this trial's configuration, its run config mapping)."""
         raw, key = trial_config(self.sweep, config)
         size = len(raw["members"])
-        for p in self.packs.values():
-            p["members"].pop(trial, None)
-        self._prune_dead()
         limit = self._limit(key, raw)
-        mine = [p for p in self.packs.values() if p["key"] == key
-                and sum(p["members"].values()) + size <= max(limit, size)]
-        if mine:
-            pack = max(mine, key=lambda p: sum(p["members"].values()))
-        else:
-            pack = self._new_pack(key)
-        pack["members"][trial] = size
-        pack["actor"].expect.remote([trial])
-        return pack["actor"], raw
+        with self.lock:
+            for p in self.packs.values():
+                p["members"].pop(trial, None)
+            self._prune_dead()
+            mine = [p for p in self.packs.values() if p["key"] == key
+                    and sum(p["members"].values()) + size <= max(limit, size)]
+            pack = max(mine, key=lambda p: sum(p["members"].values())) if mine else self._new_pack(key)
+            pack["members"][trial] = size
+            pack["actor"].expect.remote([trial])
+            return pack["actor"], raw
 
     def drop(self, trials: list[str]) -> None:
         """Trials Tune no longer runs leave their packs; a pack left empty is closed, so that its CPUs or GPU
         go to a pack of another key (packs of different shapes share a device one after the other)."""
-        gone = set(trials)
-        for name, p in list(self.packs.items()):
-            mine = [t for t in p["members"] if t in gone]
-            if mine:
-                for t in mine:
-                    p["members"].pop(t)
-                p["actor"].drop.remote(mine)
-                if not p["members"]:
-                    self._close(name)
+        gone, empty = set(trials), []
+        with self.lock:
+            for name, p in list(self.packs.items()):
+                mine = [t for t in p["members"] if t in gone]
+                if mine:
+                    for t in mine:
+                        p["members"].pop(t)
+                    p["actor"].drop.remote(mine)
+                    if not p["members"] and not p.get("measuring"):
+                        empty.append(self.packs.pop(name))
+        for p in empty:
+            _close(p)
 
     def packs_info(self) -> list[dict[str, Any]]:
-        return [{"name": n, "key": p["key"], "members": dict(p["members"])} for n, p in self.packs.items()]
+        with self.lock:
+            return [{"name": n, "key": p["key"], "members": dict(p["members"])} for n, p in self.packs.items()]
 
     def shutdown(self) -> None:
-        for name in list(self.packs):
-            self._close(name)
-
-    def _close(self, name: str) -> None:
-        p = self.packs.pop(name)
-        try:
-            ray.get(p["actor"].close.remote(), timeout=30)  # its stats file is complete
-        except Exception:  # noqa: BLE001 - closing what may already be dead
-            pass
-        ray.kill(p["actor"])
+        with self.lock:
+            packs, self.packs = list(self.packs.values()), {}
+        for p in packs:
+            _close(p)
 
     def _limit(self, key: str, raw: dict[str, Any]) -> int:
-        """Members per pack of `key`: pack_size when set; else what a pack's device holds (asked once per key
+        """Members per pack of `key`: pack_size when set; else what a pack's device holds (asked once per key,
         of its first pack: on a GPU it measures; on CPUs there is no device limit)."""
         if self.pack_size is not None:
             return self.pack_size
-        if key not in self.capacity:
+        with self.lock:
+            if key in self.capacity:
+                return self.capacity[key]
             mine = [p for p in self.packs.values() if p["key"] == key]
             pack = mine[0] if mine else self._new_pack(key)
+            pack["measuring"] = True
+        try:  # outside the lock: the pack may wait for its device, which a drop elsewhere frees
             cap = ray.get(pack["actor"].capacity.remote(raw))
-            self.capacity[key] = cap if cap is not None else 1 << 30
-        return self.capacity[key]
+        finally:
+            pack["measuring"] = False
+        with self.lock:
+            self.capacity.setdefault(key, cap if cap is not None else 1 << 30)
+            return self.capacity[key]
 
     def _prune_dead(self) -> None:
-        """Forget packs whose actor died (their trials fail, and Tune retries them into a new pack). A pack
-        still waiting for its CPUs or GPU does not answer yet, and counts as alive."""
-        refs = {name: p["actor"].ping.remote() for name, p in self.packs.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=2.0) if refs else ([], [])
+        """Forget packs whose actor died (their trials fail, and Tune retries them into a new pack). Each pack has
+        one ping in flight; a ping that came back as an error means the actor is gone. Never waits: a pack still
+        waiting for its CPUs or GPU has not answered yet and counts as alive."""
+        refs = {name: p["ping"] for name, p in self.packs.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0) if refs else ([], [])
         for name, ref in refs.items():
             if ref in ready:
                 try:
                     ray.get(ref)
+                    self.packs[name]["ping"] = self.packs[name]["actor"].ping.remote()
                 except Exception:  # noqa: BLE001 - RayActorError and kin: the actor is gone
                     del self.packs[name]
 
@@ -281,5 +289,16 @@ class Coordinator:
             name=f"{self.prefix}-{name}", max_restarts=0).remote(
                 name, self.sweep["algo"], self.sweep["data"], device="cuda" if res["gpus"] > 0 else "cpu",
                 threads=0, stats_dir=str(Path(self.out) / "packs"))
-        self.packs[name] = {"key": key, "actor": actor, "members": {}}
+        self.packs[name] = {"key": key, "actor": actor, "members": {}, "ping": actor.ping.remote()}
         return self.packs[name]
+
+
+def _close(pack: dict[str, Any]) -> None:
+    try:
+        ray.get(pack["actor"].close.remote(), timeout=30)  # its loggers flushed, its stats file complete
+    except Exception:  # noqa: BLE001 - closing what may already be dead
+        pass
+    try:
+        ray.kill(pack["actor"])
+    except Exception:  # noqa: BLE001
+        pass

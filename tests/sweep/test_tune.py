@@ -170,3 +170,44 @@ def test_unfused_optuna_sweep_trains_each_configuration_in_its_own_process(ray_c
         result = json.loads((Path(r["run_dir"]) / "result.json").read_text())
         assert result["members_per_pass"] == 1 and result["algo"] == "iql"
         assert _rows(r["run_dir"])[-1]["loss/critic"] == pytest.approx(r["mean"])
+
+
+def test_pbt_exploits_configurations_inside_their_pack(ray_cluster, tmp_path):
+    out = tmp_path / "sweep"
+    res = rayoffline.tune(_sweep(
+        space={"algo.expectile": {"grid": [0.5, 0.6, 0.8, 0.9]}}, seeds=[0], resources={"cpus": 8},
+        scheduler={"type": "pbt", "perturbation_interval": 100, "quantile_fraction": 0.5,
+                   "hyperparam_mutations": {"algo.expectile": {"uniform": [0.5, 0.95]}}},
+        config={"steps": 300, "log_every": 50, "checkpoint_every": 100, "eval_episodes": 0, "batch_size": 32,
+                "algo": {"hidden": [16, 16]}},
+        metric="loss/critic", mode="min"), out=out, quiet=True)
+    rows = res["rows"]
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows)
+    packs = _packs(out)
+    history = [h for p in packs for h in p["history"]]
+    # an exploited trial rejoined from its donor's checkpoint with a mutated expectile: a trial left and came back
+    rejoined = [t for t in {t for h in history for t in h["trials"]}
+                if sum(1 for a, b in zip(history, history[1:]) if t in b["trials"] and t not in a["trials"]) >= 1
+                and any(t not in h["trials"] for h in history[1:])]
+    assert rejoined, history
+    mutated = [r for r in rows if r["config"]["algo.expectile"] not in (0.5, 0.6, 0.8, 0.9)]
+    assert mutated  # PBT explored new values
+    for r in mutated:  # the run directory records the mutated value it finished with
+        assert yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())["algo"]["expectile"] == \
+            pytest.approx(r["config"]["algo.expectile"])
+
+
+def test_distributed_trials_are_ray_train_runs(ray_cluster, tmp_path):
+    out = tmp_path / "sweep"
+    res = rayoffline.tune(_sweep(
+        space={"algo.expectile": {"grid": [0.6, 0.8]}}, scheduler={"type": "fifo"}, fuse=False, seeds=[0],
+        resources={"cpus": 1, "workers": 2},
+        config={"steps": 100, "log_every": 50, "checkpoint_every": 100, "eval_episodes": 0, "batch_size": 32,
+                "algo": {"hidden": [16, 16]}},
+        metric="loss/critic", mode="min"), out=out, quiet=True)
+    rows = res["rows"]
+    assert [r["status"] for r in rows] == ["finished"] * 2
+    for r in rows:
+        result = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+        assert result["num_workers"] == 2
+        assert _rows(r["run_dir"])[-1]["loss/critic"] == pytest.approx(r["mean"])
