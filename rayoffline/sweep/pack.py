@@ -36,9 +36,6 @@ from typing import Any
 import torch
 import yaml
 
-EXPECT_S = 10.0
-"""How long a pack holds its next pass for trials assigned to it that have not joined yet."""
-
 ACK_TIMEOUT_S = 600.0
 """A member whose trial neither takes its result nor leaves within this long is dropped (its trial died
 without Tune noticing yet); its trial, if alive, rejoins from its checkpoint."""
@@ -68,8 +65,9 @@ class Pack:
 
     def __init__(self, name: str, algo: str, data: str, device: str = "auto", threads: int = 0,
                  stats_dir: str | None = None, ack_timeout_s: float = ACK_TIMEOUT_S, gather_s: float = 0.3) -> None:
-        """gather_s: after a join, wait this long for more (trials start in quick succession) before
-        rebuilding the pass."""
+        """gather_s: after a join, wait this long for more before rebuilding the pass (trials start in quick
+        succession). Longer is not better: a member that joins later trains in the same pass from its own step 0,
+        so waiting for trials that are still starting would only idle the device."""
         from ..learner.threads import set_threads
         from ..learner.worker import _device, open_dataset
         from .. import data as data_mod
@@ -82,7 +80,6 @@ class Pack:
         self.data = data_mod.load(self.data_path, device=self.device)
         self.ack_timeout_s, self.gather_s = ack_timeout_s, gather_s
         self.last_join = 0.0
-        self.expected: dict[str, float] = {}  # trials assigned here that have not joined yet -> since when
         self.stats_path = Path(stats_dir) / f"{name}.json" if stats_dir else None
         self.members: list[_Member] = []      # in pass order
         self.joining: list[_Member] = []
@@ -123,7 +120,6 @@ class Pack:
                 raise RuntimeError(f"pack {self.name} failed: {self.error}")
             self.joining = [j for j in self.joining if j.trial != trial] + [m]
             self.last_join = time.time()
-            self.expected.pop(trial, None)
             if any(x.trial == trial for x in self.members):  # a restarted trial: its old members leave first
                 self.leaving.add(trial)
             self.outbox[trial] = []
@@ -159,14 +155,6 @@ class Pack:
                     raise TimeoutError(f"trial {trial}: no result within {timeout} s")
                 self.lock.wait(1.0)
 
-    def expect(self, trials: list[str]) -> None:
-        """These trials were assigned here and will join soon: the pass waits for them (up to EXPECT_S) before
-        it starts, so that trials starting together train together from their first step."""
-        with self.lock:
-            for t in trials:
-                if self._find(t) is None:  # (its join may have arrived first)
-                    self.expected.setdefault(t, time.time())
-
     def leave(self, trial: str) -> None:
         self.drop([trial])
 
@@ -179,7 +167,6 @@ class Pack:
                 if m.trial in gone:
                     self.leaving.add(m.trial)
             for t in gone:
-                self.expected.pop(t, None)
                 self.outbox.pop(t, None)
                 self.waiting.discard(t)
             self.lock.notify_all()
@@ -243,9 +230,7 @@ class Pack:
                     while not self.closed:
                         self._drop_stale()
                         ready = all(m.trial in self.waiting or m.trial in self.leaving for m in self.members)
-                        now = time.time()
-                        settling = bool(self.joining) and (now - self.last_join < self.gather_s or any(
-                            now - t < EXPECT_S for t in self.expected.values()))
+                        settling = bool(self.joining) and time.time() - self.last_join < self.gather_s
                         if ready and not settling and (self.joining or self.leaving or self.members):
                             break
                         self.lock.wait(0.05 if settling else 0.5)

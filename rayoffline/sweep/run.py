@@ -14,13 +14,13 @@ configuration. OUT holds:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +110,11 @@ def _pack_size(spec, total_configs: int) -> int | None:
     """Members per pack. `pack_size: N` as given; auto: on GPUs None (each pack measures what its device holds),
     on CPUs the concurrent members spread over as many packs as the cluster's CPUs hold at once (a pack is
     one process: more packs than that only share cores; fewer leave cores idle)."""
-    import ray
     if spec.pack_size != "auto":
         return int(spec.pack_size)
     if spec.resources["gpus"] > 0:
         return None
-    cpus = ray.cluster_resources().get("CPU", 1)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
-        cpus = min(cpus, len(os.sched_getaffinity(0)))  # this machine: Ray's logical CPUs may exceed its cores
-    slots = max(1, int(cpus // spec.resources["cpus"]))
+    slots = _slots(spec)
     concurrent = min(spec.max_concurrency or total_configs, total_configs)
     return max(len(spec.seeds), math.ceil(concurrent / slots) * len(spec.seeds))
 
@@ -146,12 +141,16 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
     space = param_space(spec)
     total = _count_configs(spec)
     namespace = ray.get_runtime_context().namespace
-    coord_name = f"rayoffline-tune-{uuid.uuid4().hex[:8]}"
+    # named after OUT: a resumed sweep's restored callback (pickled with the experiment) finds the new driver's
+    coord_name = "rayoffline-sweep-" + hashlib.sha1(str(out).encode()).hexdigest()[:10]
     coordinator = None
     if spec.fuse:
         size = _pack_size(spec, total)
         coordinator = ray.remote(Coordinator).options(name=coord_name, num_cpus=0, max_concurrency=64).remote(
             sweep_dict, str(out), size, coord_name)
+        plan, slots = _prewarm_plan(spec, size, total)
+        if plan:
+            coordinator.prewarm.remote(plan, slots)
         trainable = rt.with_resources(rt.with_parameters(fused_trial, ctx={
             "sweep": sweep_dict, "out": str(out), "coordinator": coord_name, "namespace": namespace}),
             RELAY_RESOURCES)
@@ -173,7 +172,7 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
     tune_config = rt.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=make_scheduler(spec),
                                 search_alg=search, num_samples=spec.num_samples,
                                 max_concurrent_trials=spec.max_concurrency or None, reuse_actors=False)
-    callback = _Watch(coordinator, say, spec)
+    callback = _Watch(coord_name if spec.fuse else None, say, spec)
     run_config = rt.RunConfig(
         name=EXPERIMENT, storage_path=str(out), verbose=0, callbacks=[callback],
         failure_config=rt.FailureConfig(max_failures=spec.max_failures),
@@ -210,6 +209,42 @@ def _run(spec, out: Path, resume: bool, say, meta: dict[str, Any], t_start: floa
     say(format_table(rows, spec))
     say(_summary(result, spec))
     return result
+
+
+def _prewarm_plan(spec, size: int | None, total: int) -> tuple[list[tuple[dict[str, Any], int]], int]:
+    """Which packs a sweep will need, when that is known before its trials exist: every key that is not per
+    member is a grid (or there is none), so the pack keys are the grid's combinations of those keys. Returns
+    ([(those values, packs of that key), ...], packs the cluster can run at once); ([], 0) when unknown."""
+    import itertools
+
+    import ray
+    from .space import member_keys
+    members = member_keys(spec.algo)
+    shared = {k: d for k, d in spec.space.items() if k not in members}
+    if any("grid" not in d for d in shared.values()) or spec.scheduler["type"] == "pbt":
+        return [], 0
+    combos = [dict(zip(shared, values)) for values in itertools.product(*(d["grid"] for d in shared.values()))]
+    per_key = total // max(len(combos), 1)
+    if spec.max_concurrency:
+        per_key = min(per_key, spec.max_concurrency)
+    need = 1 if size is None else max(1, math.ceil(per_key * len(spec.seeds) / size))
+    return [(c, need) for c in combos], _slots(spec)
+
+
+def _slots(spec) -> int:
+    """How many packs the cluster runs at once: GPUs / GPUs per pack, else CPUs / CPUs per pack, where a
+    one-node cluster on this machine counts its cores (ensure_ray gives a small machine more logical CPUs than
+    cores, for Ray Data; packs beyond the cores would only share them)."""
+    import ray
+    res = spec.resources
+    cluster = ray.cluster_resources()
+    if res["gpus"] > 0:
+        return max(1, int(cluster.get("GPU", 0) // res["gpus"]))
+    cpus = cluster.get("CPU", 1)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
+        cpus = min(cpus, len(os.sched_getaffinity(0)))
+    return max(1, int(cpus // res["cpus"]))
 
 
 def _count_configs(spec) -> int:
@@ -253,7 +288,9 @@ class _Watch:
         from ray.tune import Callback
 
         class Watch(Callback):
-            def __init__(self, coordinator, say, spec) -> None:
+            def __init__(self, coordinator: str | None, say, spec) -> None:
+                # the coordinator by name, looked up when needed: Tune pickles its callbacks with the
+                # experiment, and an actor handle does not outlive its driver
                 self.coordinator, self.say, self.spec = coordinator, say, spec
                 self.ended: set[str] = set()
                 self.finished = 0
@@ -266,7 +303,11 @@ class _Watch:
                 ended = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR", "PAUSED")}
                 new = ended - self.ended
                 if new:
-                    self.coordinator.drop.remote(sorted(new))
+                    import ray
+                    try:
+                        ray.get_actor(self.coordinator).drop.remote(sorted(new))
+                    except ValueError:  # the sweep is closing: no coordinator any more
+                        pass
                 self.ended = ended
 
             def on_trial_complete(self, iteration, trials, trial, **info) -> None:

@@ -40,6 +40,7 @@ and the key of the fused pack it belongs to: configurations that differ only in 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -586,10 +587,23 @@ def make_scheduler(sweep: Sweep) -> Any:
                              reduction_factor=s["reduction_factor"], brackets=s["brackets"])
     if s["type"] == "pbt":
         mutations = {k: list(v) if isinstance(v, list) else _domain(v) for k, v in s["hyperparam_mutations"].items()}
+        # PBT explores by scaling a value by 0.8 or 1.2, which can leave the mutation's range (an expectile of
+        # 0.9 becomes 1.08): explored values are clipped back into it
+        bounds = {k: (min(v[kind][:2]), max(v[kind][:2]) - (1 if kind == "randint" else 0))
+                  for k, v in s["hyperparam_mutations"].items() if isinstance(v, dict)
+                  for kind in v if kind not in ("grid", "choice")}
         return PopulationBasedTraining(time_attr="step", perturbation_interval=s["perturbation_interval"],
                                        hyperparam_mutations=mutations, quantile_fraction=s["quantile_fraction"],
-                                       resample_probability=s["resample_probability"])
+                                       resample_probability=s["resample_probability"],
+                                       custom_explore_fn=functools.partial(_clip_to_bounds, bounds))
     return FIFOScheduler()
+
+
+def _clip_to_bounds(bounds: dict[str, tuple[float, float]], config: dict[str, Any]) -> dict[str, Any]:
+    for key, (lo, hi) in bounds.items():
+        if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
+            config[key] = type(config[key])(min(max(config[key], lo), hi))
+    return config
 
 
 def make_search(sweep: Sweep) -> Any:

@@ -217,8 +217,22 @@ class Coordinator:
                     and sum(p["members"].values()) + size <= max(limit, size)]
             pack = max(mine, key=lambda p: sum(p["members"].values())) if mine else self._new_pack(key)
             pack["members"][trial] = size
-            pack["actor"].expect.remote([trial])
             return pack["actor"], raw
+
+    def prewarm(self, plan: list[tuple[dict[str, Any], int]], slots: int) -> int:
+        """Start packs before their trials exist, so that loading torch and the data overlaps Tune's start-up.
+        plan: (the non-member values of a pack key, how many packs it will fill); at most `slots` packs in all
+        (what the cluster can run at once). Returns how many packs were started."""
+        started = 0
+        with self.lock:
+            for config, n in plan:
+                _, key = trial_config(self.sweep, config)
+                have = sum(p["key"] == key for p in self.packs.values())
+                while have < n and len(self.packs) < slots:
+                    self._new_pack(key)
+                    have += 1
+                    started += 1
+        return started
 
     def drop(self, trials: list[str]) -> None:
         """Trials Tune no longer runs leave their packs; a pack left empty is closed, so that its CPUs or GPU
