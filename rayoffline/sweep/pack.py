@@ -115,6 +115,12 @@ class Pack:
             start = int(payload["step"])
         m = _Member(trial=trial, cfg=cfg, run_dir=Path(run_dir), state=own.state_dict(), step=start,
                     started=time.time())
+        if start >= cfg["run"].steps:  # restored at its last step (PBT exploits at the end too): nothing to train
+            with self.lock:
+                self.outbox[trial] = [{"step": start, "metrics": {}, "done": True, "checkpoint": state,
+                                       "error": None}]
+                self.lock.notify_all()
+            return start
         with self.lock:
             if self.error:
                 raise RuntimeError(f"pack {self.name} failed: {self.error}")
@@ -139,7 +145,7 @@ class Pack:
                            f"trial {trial} is not in pack {self.name} (it left, or was dropped after "
                            f"{self.ack_timeout_s:.0f} s without taking its results)")
                     return {"step": after_step, "metrics": {}, "done": True, "checkpoint": None, "error": why}
-                box[:] = [r for r in box if r["step"] > after_step or r["error"]]
+                box[:] = [r for r in box if r["step"] > after_step or r["error"] or r["done"]]
                 if box:
                     r = box.pop(0)
                     if r["done"]:

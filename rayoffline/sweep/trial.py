@@ -102,10 +102,22 @@ def fused_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial = tune.get_context().get_trial_id()
     coordinator = ray.get_actor(ctx["coordinator"], namespace=ctx["namespace"])
     state = _checkpoint_bytes()
-    pack, raw = ray.get(coordinator.assign.remote(trial, config))
-    step = ray.get(pack.join.remote(trial, raw, str(_trial_dir(ctx)), state))
+    for attempt in range(3):  # a pack that died a moment ago may still be assigned: forget it, ask again
+        pack, raw, name = ray.get(coordinator.assign.remote(trial, config))
+        try:
+            step = ray.get(pack.join.remote(trial, raw, str(_trial_dir(ctx)), state))
+            break
+        except ray.exceptions.RayActorError:
+            ray.get(coordinator.forget.remote(name))
+    else:
+        raise TrialFailed(f"trial {trial}: every pack it was assigned to had died")
     while True:
-        r = ray.get(pack.next.remote(trial, step))
+        try:
+            r = ray.get(pack.next.remote(trial, step))
+        except ray.exceptions.RayActorError:
+            coordinator.forget.remote(name)
+            raise TrialFailed(f"trial {trial}: its pack {name} died at step {step}; Tune retries the trial from "
+                              f"its last checkpoint (max_failures)") from None
         if r["error"]:
             raise TrialFailed(r["error"])
         step = r["step"]
@@ -204,8 +216,8 @@ class Coordinator:
         self.count = 0
         self.lock = threading.RLock()
 
-    def assign(self, trial: str, config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """(the pack actor that trains this trial's configuration, its run config mapping)."""
+    def assign(self, trial: str, config: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
+        """(the pack actor that trains this trial's configuration, its run config mapping, the pack's name)."""
         raw, key = trial_config(self.sweep, config)
         size = len(raw["members"])
         limit = self._limit(key, raw)
@@ -217,7 +229,13 @@ class Coordinator:
                     and sum(p["members"].values()) + size <= max(limit, size)]
             pack = max(mine, key=lambda p: sum(p["members"].values())) if mine else self._new_pack(key)
             pack["members"][trial] = size
-            return pack["actor"], raw
+            name = next(n for n, p in self.packs.items() if p is pack)
+            return pack["actor"], raw, name
+
+    def forget(self, name: str) -> None:
+        """A trial found pack `name` dead: assign no one to it again."""
+        with self.lock:
+            self.packs.pop(name, None)
 
     def prewarm(self, plan: list[tuple[dict[str, Any], int]], slots: int) -> int:
         """Start packs before their trials exist, so that loading torch and the data overlaps Tune's start-up.
