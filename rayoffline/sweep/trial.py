@@ -120,6 +120,8 @@ def fused_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                               f"its last checkpoint (max_failures)") from None
         if r["error"]:
             raise TrialFailed(r["error"])
+        if r["done"] and not r["metrics"]:  # restored at its last step: its results are reported already
+            return
         step = r["step"]
         _report({"step": step, **summarize(r["metrics"])}, r["checkpoint"])
         if r["done"]:
