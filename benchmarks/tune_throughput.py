@@ -10,8 +10,8 @@ modes), log_every = steps / 3, no intermediate checkpoint, evaluation only at th
 
 Modes (resources per the sweep file's `resources:`):
 - fused: `fuse: true`, `resources: {cpus: 1}` per pack, `pack_size: auto` (`--pack-size N` overrides it). On a
-  CPU-only local Ray, auto spreads the 16 configurations over as many packs as the cluster has logical CPUs:
-  the local Ray gets max(4, cores) of them, so on a 2-core machine 4 packs of 4 members. How many packs a run
+  CPU-only local Ray, auto spreads the 16 configurations over as many packs as the machine has cores (not
+  the max(4, cores) logical CPUs the local Ray gets), so on a 2-core machine 2 packs of 8 members. How many packs a run
   made and how many ran at once come from OUT/packs/*.json.
 - unfused: `fuse: false`, `resources: {cpus: 1}` per trial and `max_concurrency` = the number of cores. Each
   trial is a single-threaded process; more of them at once than cores only time-slice the cores (and Ray would
