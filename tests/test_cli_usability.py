@@ -240,7 +240,9 @@ def test_python_api_has_real_signatures_and_a_clean_namespace():
     import types
     public = {n for n in dir(rayoffline) if not n.startswith("_")
               and not isinstance(getattr(rayoffline, n), types.ModuleType)}  # subpackages appear once imported
-    assert public == {"train", "evaluate_run", "load_run", "convert", "append", "load"}
+    assert public == {"train", "evaluate_run", "load_run", "convert", "append", "load", "tune"}
+    assert callable(rayoffline.tune) and list(inspect.signature(rayoffline.tune).parameters)[:3] == [
+        "sweep", "out", "overrides"]  # the function, not the sweep package (rayoffline/sweep/)
     assert rayoffline.__version__ and "Any" not in dir(rayoffline) and "annotations" not in dir(rayoffline)
 
 
