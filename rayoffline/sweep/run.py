@@ -217,7 +217,6 @@ def _prewarm_plan(spec, size: int | None, total: int) -> tuple[list[tuple[dict[s
     ([(those values, packs of that key), ...], packs the cluster can run at once); ([], 0) when unknown."""
     import itertools
 
-    import ray
     from .space import member_keys
     members = member_keys(spec.algo)
     shared = {k: d for k, d in spec.space.items() if k not in members}

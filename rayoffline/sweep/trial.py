@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import threading
@@ -130,7 +129,6 @@ def fused_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 
 def solo_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One configuration in this process (fuse: false), or as a Ray Train run (resources.workers > 0)."""
-    from ray import tune
     from ..learner.worker import RunSpec, WorkerContext, run_training
     from ..learner.config import build_config
     raw, _ = trial_config(ctx["sweep"], config)
