@@ -49,6 +49,24 @@ def ensure_ray(num_cpus: int | None = None, address: str | None = None, num_gpus
     _configure_data_context()
 
 
+def ray_log_in(run_dir: Path, verbose: bool) -> logging.Handler:
+    """Ray's driver-side log records (the `ray` logger: Train and Tune controller messages, warnings) into
+    DIR/ray.log (a run's or a sweep's directory, created); with verbose also on stderr. Returns the file
+    handler, for the caller to remove when it is done."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "ray.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lg = logging.getLogger("ray")
+    lg.addHandler(handler)
+    if lg.level == logging.NOTSET or lg.level > logging.INFO:
+        lg.setLevel(logging.INFO)
+    lg.info("Ray session logs (controllers, workers, raylet): %s", _session_logs())
+    if verbose and not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                           for h in lg.handlers):
+        lg.addHandler(logging.StreamHandler())
+    return handler
+
+
 def _session_logs() -> Path:
     """`<session>/logs` of the Ray instance this process is connected to (a temp directory if Ray hides it)."""
     try:

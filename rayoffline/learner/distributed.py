@@ -46,24 +46,6 @@ def choose_data_mode(run: RunConfig, meta: dict[str, Any], gpu_memory: float | N
                      f"({budget / 2**20:.0f} MiB); each worker loads its share of the shards")
 
 
-def _ray_log_in_run_dir(run_dir: Path, verbose: bool) -> logging.Handler:
-    """Ray's driver-side log records (the `ray` logger: Train controller messages, warnings) into
-    RUN_DIR/ray.log; with verbose also on stderr."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "ray.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    lg = logging.getLogger("ray")
-    lg.addHandler(handler)
-    if lg.level == logging.NOTSET or lg.level > logging.INFO:
-        lg.setLevel(logging.INFO)
-    from .._ray import _session_logs
-    lg.info("Ray session logs (Train controller, workers, raylet): %s", _session_logs())
-    if verbose and not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                           for h in lg.handlers):
-        lg.addHandler(logging.StreamHandler())
-    return handler
-
-
 def _check_reachable(address: str) -> None:
     """Fail in seconds, not after Ray's own minute of retries, when nothing listens at HOST:PORT."""
     import socket
@@ -287,7 +269,8 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
         f"{run.batch_size} on {run.num_workers} Ray Train workers ({run.cpus_per_worker:g} CPU"
         + (f", {run.gpus_per_worker:g} GPU" if run.gpus_per_worker else "") + " each); " + why + f" -> {run_dir}")
     created = not run_dir.exists()
-    log_handler = _ray_log_in_run_dir(run_dir, verbose)  # creates run_dir
+    from .._ray import ray_log_in
+    log_handler = ray_log_in(run_dir, verbose)  # creates run_dir
     resources = {"CPU": run.cpus_per_worker, **({"GPU": run.gpus_per_worker} if run.gpus_per_worker else {})}
     trainer = TorchTrainer(
         _worker_entry, train_loop_config={"spec": spec},

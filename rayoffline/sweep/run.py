@@ -91,19 +91,12 @@ def tune(sweep: str | Path | dict[str, Any] | None, out: str | Path | None = Non
 
 def _connect(spec, address: str | None, out: Path, verbose: bool) -> logging.Handler:
     import ray
-    from .._ray import ensure_ray
+    from .._ray import ensure_ray, ray_log_in
     from .space import check_resources
     ensure_ray(address=address or None, log_to_driver=verbose)
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     check_resources(spec, ray.cluster_resources(), nodes)  # before OUT is created: a refused sweep leaves nothing
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "ray.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    lg = logging.getLogger("ray")
-    lg.addHandler(handler)
-    if lg.level == logging.NOTSET or lg.level > logging.INFO:
-        lg.setLevel(logging.INFO)
-    return handler
+    return ray_log_in(out, verbose)
 
 
 def _pack_size(spec, total_configs: int) -> int | None:

@@ -403,17 +403,25 @@ def _resources(value: Any, fuse: bool) -> dict[str, Any]:
     return {"cpus": float(cpus), "gpus": float(gpus), "workers": workers}
 
 
-def _search(value: Any, space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
-    search = {"type": value} if isinstance(value, str) else (value if value is not None else {"type": "random"})
-    if not isinstance(search, dict):
-        raise _err("search", f"expected a mapping such as {{type: random}}, got {search!r}")
-    kind = search.get("type", "random")
-    if kind not in SEARCH_OPTIONS:
-        raise _err("search.type", f"{', '.join(SEARCH_OPTIONS)}; got {kind!r}")
-    unknown = sorted(set(search) - {"type", *SEARCH_OPTIONS[kind]})
+def _kind_and_options(value: Any, name: str, default: str, options: dict[str, Any],
+                      example: str) -> tuple[dict[str, Any], str]:
+    """A `type:`-keyed option mapping (scheduler, search), or its type alone as a string: (the mapping, its type),
+    the type and every option checked against `options` (type -> the option names it takes)."""
+    mapping = {"type": value} if isinstance(value, str) else (value if value is not None else {"type": default})
+    if not isinstance(mapping, dict):
+        raise _err(name, f"expected a mapping such as {example}, got {mapping!r}")
+    kind = mapping.get("type", default)
+    if kind not in options:
+        raise _err(f"{name}.type", f"{', '.join(options)}; got {kind!r}")
+    unknown = sorted(set(mapping) - {"type", *options[kind]})
     if unknown:
-        raise _err(f"search.{unknown[0]}", f"unknown option of search {kind}; options: "
-                                           f"{', '.join(SEARCH_OPTIONS[kind]) or 'none'}")
+        raise _err(f"{name}.{unknown[0]}", f"unknown option of {name} {kind}; options: "
+                                           f"{', '.join(options[kind]) or 'none'}")
+    return mapping, kind
+
+
+def _search(value: Any, space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    search, kind = _kind_and_options(value, "search", "random", SEARCH_OPTIONS, "{type: random}")
     out: dict[str, Any] = {"type": kind}
     if kind == "grid":
         for key, dist in space.items():
@@ -445,16 +453,7 @@ def _candidates(sweep: Sweep, built: dict[str, Any], key: str) -> list[Any]:
 
 
 def _scheduler(sweep: Sweep, built: dict[str, Any], value: Any) -> dict[str, Any]:
-    sched = {"type": value} if isinstance(value, str) else (value if value is not None else {"type": "fifo"})
-    if not isinstance(sched, dict):
-        raise _err("scheduler", f"expected a mapping such as {{type: asha, grace_period: 2000}}, got {sched!r}")
-    kind = sched.get("type", "fifo")
-    if kind not in SCHEDULER_OPTIONS:
-        raise _err("scheduler.type", f"{', '.join(SCHEDULER_OPTIONS)}; got {kind!r}")
-    unknown = sorted(set(sched) - {"type", *SCHEDULER_OPTIONS[kind]})
-    if unknown:
-        raise _err(f"scheduler.{unknown[0]}", f"unknown option of scheduler {kind}; options: "
-                                              f"{', '.join(SCHEDULER_OPTIONS[kind]) or 'none'}")
+    sched, kind = _kind_and_options(value, "scheduler", "fifo", SCHEDULER_OPTIONS, "{type: asha, grace_period: 2000}")
     if kind == "fifo":
         return {"type": "fifo"}
     for key in ("log_every", "eval_every"):
