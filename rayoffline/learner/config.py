@@ -26,6 +26,7 @@ import yaml
 from .. import algorithms
 from ..config import from_dict, load_yaml, merge, parse_overrides, plain, require, to_dict
 from ..errors import ConfigError
+from .shaping import check_lr_schedule, check_reward_scale
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,16 @@ class RunConfig:
     """Worker placement across nodes: 'pack' or 'spread'."""
     address: str = ""
     """Ray cluster to join ('auto' or 'ray://HOST:10001'); empty: $RAY_ADDRESS, else a local Ray."""
+    reward_scale: Any = "none"
+    """Reward transform applied where the learner samples (never to evaluation returns): 'none',
+    'return_range' (r * 1000 / (max - min episode return of the dataset), IQL's locomotion setting) or
+    {scale: S, bias: B} (r * S + B)."""
+    lr_schedule: Any = "constant"
+    """Learning-rate schedule, one for every optimizer group or a mapping group -> schedule (unnamed groups stay
+    constant), e.g. {actor: cosine}: 'constant', 'cosine' (to 0 over `steps`) or 'linear_warmup' (from 0 over
+    lr_warmup_steps). `rayoffline algos` names each algorithm's groups."""
+    lr_warmup_steps: int = 1000
+    """Steps of a linear_warmup schedule."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -95,6 +106,9 @@ class RunConfig:
         require(self.placement in ("pack", "spread"), "placement", f"'pack' or 'spread', got {self.placement!r}")
         require(self.num_workers == 0 or self.batch_size % self.num_workers == 0, "batch_size",
                 f"the global batch {self.batch_size} must be divisible by num_workers {self.num_workers}")
+        require(self.lr_warmup_steps >= 1, "lr_warmup_steps", f"must be >= 1, got {self.lr_warmup_steps}")
+        check_reward_scale(self.reward_scale)
+        check_lr_schedule(self.lr_schedule)
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

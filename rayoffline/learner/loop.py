@@ -9,7 +9,8 @@ log interval (`Learner.pop_metrics`), so a step never waits on the device.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import torch
 
@@ -61,6 +62,8 @@ class FlatGroup:
                 chunk.grad = self.flat.grad[a: a + size]
                 self.chunks.append(chunk)
         self.optimizer = _adam(self.chunks, lr)
+        self.members = members
+        self._partition: tuple[tuple[int, ...], ...] = (tuple(range(members)),)
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Load an optimizer state; one written before the chunks (a single tensor over the whole buffer, one
@@ -72,7 +75,39 @@ class FlatGroup:
                      for i, (a, n) in enumerate(self.spans)} if whole else {}
             saved = {"state": state, "param_groups": [{**saved["param_groups"][0],
                                                        "params": list(range(len(self.chunks)))}]}
+        if len(self.optimizer.param_groups) > 1:  # back to the one group a state dict describes
+            self.optimizer.param_groups = [{**self.optimizer.param_groups[0], "params": list(self.chunks)}]
+            self._partition = (tuple(range(self.members)),)
         self.optimizer.load_state_dict(saved)
+
+    def set_lrs(self, lrs: list[float]) -> None:
+        """Member k's chunks step with learning rate lrs[k]. Members with equal rates share one parameter group
+        (one fused Adam call); the groups are regrouped only when the partition changes."""
+        by: dict[float, list[int]] = {}
+        for k, lr in enumerate(lrs):
+            by.setdefault(lr, []).append(k)
+        partition = tuple(tuple(ks) for ks in by.values())
+        if partition != self._partition:
+            per = len(self.chunks) // self.members
+            template = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+            self.optimizer.param_groups = [
+                {**template, "params": [c for k in ks for c in self.chunks[k * per:(k + 1) * per]]}
+                for ks in partition]
+            self._partition = partition
+        for group, lr in zip(self.optimizer.param_groups, by):
+            group["lr"] = lr
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state with its chunks in one parameter group in member order, whatever the current
+        grouping by learning rate (a checkpoint's layout does not depend on the schedule's position)."""
+        groups = self.optimizer.param_groups
+        if len(groups) == 1:
+            return self.optimizer.state_dict()
+        self.optimizer.param_groups = [{**groups[0], "params": list(self.chunks)}]
+        try:
+            return self.optimizer.state_dict()
+        finally:
+            self.optimizer.param_groups = groups
 
     def step(self) -> None:
         self.optimizer.step()
@@ -92,9 +127,13 @@ class Learner:
     - mode "split": every worker holds its own share of the data and draws from streams of its own.
     """
 
-    def __init__(self, algorithm: Algorithm, data: Batch | Any, batch_size: int, mode: str = "replicate") -> None:
+    def __init__(self, algorithm: Algorithm, data: Batch | Any, batch_size: int, mode: str = "replicate",
+                 schedules: dict[str, Callable[[int], float]] | None = None,
+                 reward: tuple[float, float] = (1.0, 0.0)) -> None:
         """data: a Batch of this worker's transitions on the device, or a WindowedData (out-of-core: its
-        current window is the data, swapped for the next one as the steps use it up)."""
+        current window is the data, swapped for the next one as the steps use it up).
+        schedules: optimizer group -> learning-rate factor of the member's step (`shaping.schedules`); groups
+        not named keep their configured rate. reward: (scale, bias) applied to every sampled reward."""
         if mode not in ("replicate", "split"):
             raise ValueError(f"mode must be 'replicate' or 'split', got {mode!r}")
         self.algorithm = algorithm
@@ -113,8 +152,15 @@ class Learner:
         self.sampler = MemberRNG(algorithm.seeds, algorithm.device, STREAM_SAMPLE, rank=self.rank, world=self.world,
                                  shared=shared)
         algorithm.set_data_parallel(self.rank, self.world, shared)
+        optim_groups = algorithm.optim_groups()
         self.groups: dict[str, FlatGroup] = {
-            name: FlatGroup(list(params), lr, algorithm.K) for name, (params, lr) in algorithm.optim_groups().items()}
+            name: FlatGroup(list(params), lr, algorithm.K) for name, (params, lr) in optim_groups.items()}
+        self.base_lr = {name: float(lr) for name, (_, lr) in optim_groups.items()}
+        self.schedules = dict(schedules or {})
+        unknown = set(self.schedules) - set(self.groups)
+        if unknown:
+            raise ValueError(f"schedules for unknown optimizer groups {sorted(unknown)}; groups: {list(self.groups)}")
+        self.reward = (float(reward[0]), float(reward[1]))
         self.member_steps = [0] * algorithm.K  # updates each member has had (members of a pack may differ)
         self.optimizers = {name: g.optimizer for name, g in self.groups.items()}
         self._sums: dict[str, torch.Tensor] = {}
@@ -122,7 +168,20 @@ class Learner:
 
     def sample(self) -> Batch:
         idx = self.sampler.randint(self.n, (self.batch_size,))  # (K, B) on the device
-        return self.data.index(idx)
+        batch = self.data.index(idx)
+        if self.reward != (1.0, 0.0):
+            scale, bias = self.reward
+            batch = dataclasses.replace(batch, rewards=batch.rewards * scale + bias)
+        return batch
+
+    def set_learning_rates(self) -> None:
+        """Every group's rate for each member's next update (its configured rate times its schedule's factor
+        at the member's step); a group without a schedule gets its configured rate (after a checkpoint load,
+        whose saved rate may be another run's, e.g. a PBT donor's)."""
+        for name, g in self.groups.items():
+            fn = self.schedules.get(name)
+            base = self.base_lr[name]
+            g.set_lrs([base * fn(t) for t in self.member_steps] if fn is not None else [base] * len(self.member_steps))
 
     def apply(self, group: str, loss: torch.Tensor) -> None:
         """Backward of `loss` (K,) into `group`'s parameters only, all-reduce, optimizer step."""
@@ -141,6 +200,10 @@ class Learner:
         algorithm gets member 0's step number for its periodic decisions (e.g. TD3+BC's delayed actor), which
         a pack keeps equal for all members modulo the algorithm's `step_period`, and the per-member counts in
         `algorithm.member_steps` for per-member thresholds."""
+        if self.schedules:  # rates for this update, from the steps each member had before it
+            for name, fn in self.schedules.items():
+                base = self.base_lr[name]
+                self.groups[name].set_lrs([base * fn(t) for t in self.member_steps])
         self.member_steps = [s + 1 for s in self.member_steps]
         if step is not None and step != self.member_steps[0]:
             raise ValueError(f"learner is at step {self.member_steps[0]}, asked for step {step}")
@@ -185,7 +248,8 @@ class Learner:
         state = {
             "algorithm": self.algorithm.state_dict(),
             "algorithm_extra": self.algorithm.extra_state(),
-            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "optimizers": {k: g.state_dict() for k, g in self.groups.items()},
+            "reward_transform": list(self.reward),
             "sampler_rng": self.sampler.get_state(),
             "data_parallel": {"mode": self.mode, "world": self.world},
             "members": self.algorithm.K,
@@ -218,6 +282,9 @@ class Learner:
                 raise ValueError(f"optimizer groups {sorted(state['optimizers'])} != {sorted(self.optimizers)}")
             for k, g in self.groups.items():
                 g.load_state_dict(state["optimizers"][k])
+            self.set_learning_rates()
+            if "reward_transform" in state:  # the units the run's value functions were trained in
+                self.reward = (float(state["reward_transform"][0]), float(state["reward_transform"][1]))
             saved = state.get("data_parallel", {"mode": "replicate", "world": 1})
             if self.mode == "split" and self.world > 1 or saved["mode"] == "split" and saved["world"] > 1:
                 if (saved["mode"], saved["world"]) != (self.mode, self.world):

@@ -49,6 +49,8 @@ def select(state: dict[str, Any], idx: Sequence[int],
         "members": len(idx),
         "member_steps": [state["member_steps"][i] for i in idx],
     }
+    if "reward_transform" in state:
+        out["reward_transform"] = list(state["reward_transform"])
     return out
 
 
@@ -79,7 +81,10 @@ def concat(states: Sequence[dict[str, Any]], shared: frozenset[str] = Algorithm.
                 merged[base + int(i)] = v
             base += per * members_of(s)
         optimizers[g] = {"state": merged, "param_groups": [{**o["param_groups"][0], "params": list(range(base))}]}
-    return {
+    transforms = {tuple(s["reward_transform"]) for s in states if "reward_transform" in s}
+    if len(transforms) > 1:
+        raise ValueError(f"the states were trained with different reward transforms {sorted(transforms)}")
+    out = {
         "algorithm": type(first["algorithm"])(algo),
         "algorithm_extra": {key: [x for s in states for x in s["algorithm_extra"][key]]
                             for key in first["algorithm_extra"]},
@@ -89,6 +94,9 @@ def concat(states: Sequence[dict[str, Any]], shared: frozenset[str] = Algorithm.
         "members": sum(members_of(s) for s in states),
         "member_steps": [x for s in states for x in s["member_steps"]],
     }
+    if transforms:
+        out["reward_transform"] = list(transforms.pop())
+    return out
 
 
 def to_cpu(state: Any) -> Any:

@@ -77,6 +77,18 @@ def open_dataset(data: str) -> tuple[Path | str, dict[str, Any]]:
     return path, data_mod.read_metadata(path)
 
 
+def make_learner(algorithm, data: Any, cfg: dict[str, Any], meta: dict[str, Any], data_name: str,
+                 mode: str = "replicate") -> Learner:
+    """The learner of a run: its batch size, learning-rate schedules and reward transform (validated against
+    the algorithm's optimizer groups and the dataset's returns, naming the config key)."""
+    from .shaping import reward_transform, schedules
+    run: RunConfig = cfg["run"]
+    groups = list(algorithm.optim_groups())
+    return Learner(algorithm, data, run.batch_size, mode=mode,
+                   schedules=schedules(run, cfg["algo_name"], groups),
+                   reward=reward_transform(run.reward_scale, meta, data_name))
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,7 +167,8 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
     else:
         data = data_mod.load(data_dir, rank=rank, world_size=world, device=device)
         say_later = None
-    learner = Learner(algorithm, data, run.batch_size, mode=spec.data_mode)
+    learner = make_learner(algorithm, data, cfg, meta, spec.data, mode=spec.data_mode)
+    configured = learner.reward
     start = 0
     checkpoint = ctx.checkpoint or spec.checkpoint
     if checkpoint is not None:
@@ -175,6 +188,12 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
 
     if say_later:
         say(say_later)
+    if learner.reward != (1.0, 0.0):
+        scale, bias = learner.reward
+        say(f"rewards r -> {scale:.6g} * r" + (f" {'+' if bias >= 0 else '-'} {abs(bias):g}" if bias else "")
+            + f" (reward_scale: {_describe(run.reward_scale)})"
+            + (" as the checkpoint was trained; the dataset's returns now give "
+               f"{configured[0]:.6g} * r + {configured[1]:g}" if learner.reward != configured else ""))
     created = not run_dir.exists()
     fresh = spec.in_process and not spec.resume and checkpoint is None
     finished_steps = 0
@@ -201,6 +220,10 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
         if logger is not None:
             logger.close()
     return result
+
+
+def _describe(value: Any) -> str:
+    return value if isinstance(value, str) else ", ".join(f"{k} {v}" for k, v in value.items())
 
 
 def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: dict[str, Any], algorithm,
@@ -272,6 +295,7 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     result = make_result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
                      time.perf_counter() - t_start)
     result["num_workers"] = ctx.world
+    result["reward_transform"] = {"scale": learner.reward[0], "bias": learner.reward[1]}
     result["time_to_first_update_s"] = first_update_s  # from the train() call (start-up: Ray, data, networks)
     result["first_update_at"] = spec_submitted + first_update_s if first_update_s is not None else None
     if ctx.node is not None:

@@ -102,12 +102,11 @@ class Pack:
         """Add a trial's members (config: its run config mapping, `members:` giving its seeds; or build_config's
         result). Returns the step they start at."""
         from ..learner.config import build_config
-        from ..learner.loop import Learner
+        from ..learner.worker import _build_algorithm, make_learner
         cfg = config if "algo_name" in config else build_config(self.algo, config)
-        from ..learner.worker import _build_algorithm
         # the trial's members as a learner of their own: a fresh one's initial state is exactly a solo run's,
         # and a checkpoint that does not fit fails this trial here, not the pack
-        own = Learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg["run"].batch_size)
+        own = make_learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg, self.meta, self.data_arg)
         start = 0
         if state is not None:
             payload = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
@@ -201,8 +200,7 @@ class Pack:
         if self.device.type != "cuda":
             return None
         from ..learner.config import build_config
-        from ..learner.loop import Learner
-        from ..learner.worker import _build_algorithm
+        from ..learner.worker import _build_algorithm, make_learner
         cfg = build_config(self.algo, {**config, "members": [{}]})
         peaks = []
         for k in (2, 4):
@@ -210,7 +208,8 @@ class Pack:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
             many = {**cfg, "members": cfg["members"] * k, "seeds": list(range(k))}
-            learner = Learner(_build_algorithm(many, self.meta, self.device), self.data, cfg["run"].batch_size)
+            learner = make_learner(_build_algorithm(many, self.meta, self.device), self.data, many, self.meta,
+                                   self.data_arg)
             for _ in range(3):
                 learner.step()
             learner.pop_metrics()
@@ -266,8 +265,7 @@ class Pack:
 
     def _rebuild(self, joining: list[_Member], leaving: set[str]) -> None:
         from ..learner import pack_state
-        from ..learner.loop import Learner
-        from ..learner.worker import _build_algorithm
+        from ..learner.worker import _build_algorithm, make_learner
 
         kept_idx, kept = [], []
         offset = 0
@@ -290,7 +288,8 @@ class Pack:
         self.learner = None
         if self.members:
             cfg = _pack_cfg([m.cfg for m in self.members])
-            learner = Learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg["run"].batch_size)
+            learner = make_learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg, self.meta,
+                                   self.data_arg)
             period = learner.algorithm.step_period
             phases = {m.step % period for m in self.members}
             if len(phases) > 1:

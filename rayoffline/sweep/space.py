@@ -634,6 +634,9 @@ def _reported(algo: str, config: dict[str, Any], meta: dict[str, Any], eval_on: 
     spec = EnvSpec.from_metadata(meta)
     alg = algorithms.get(algo)(spec, cfg["members"][:1], [0], obs_mean=meta.get("obs_mean"),
                                obs_std=meta.get("obs_std"))
+    from ..learner.shaping import reward_transform, schedules
+    schedules(cfg["run"], algo, list(alg.optim_groups()))  # a schedule for a group the algorithm lacks
+    reward_transform(cfg["run"].reward_scale, meta, str(meta.get("source")))  # return_range on equal returns
     g = torch.Generator().manual_seed(0)
     shape = (1, 4)
     if spec.discrete:
