@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gradient updates per member (default: the config's steps, else 100000)")
     t.add_argument("--out", required=True, help="run directory (new or empty; with --resume, the run to continue)")
     t.add_argument("--config", default=None, help="YAML file with run and algo.* keys")
+    t.add_argument("--preset", default=None, metavar="NAME",
+                   help="reference settings tune_configs/presets/NAME.yaml, e.g. iql-hopper-medium (`rayoffline "
+                        "presets` lists them); --config and --set win over it, --data replaces its dataset")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. algo.cql_alpha=5")
     t.add_argument("--seed", type=int, default=None,
                    help="run seed: every member's seed unless members: sets its own (default: the config's, else 0)")
@@ -131,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--verbose", action="store_true", help="show Ray Tune's own output (always kept in OUT/ray.log)")
 
     sub.add_parser("algos", help="list algorithms and their config fields")
+    sub.add_parser("presets", help="list the reference presets for `train --preset NAME`")
     d = sub.add_parser("demo", help="the main job on an embedded dataset (IQL on builtin:pendulum-medium)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="IQL updates (default: 10000)")
@@ -190,6 +194,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .sweep.run import tune
         tune(args.sweep, out=args.out, overrides=args.set, resume=args.resume, address=args.address,
              verbose=args.verbose)
+        return 0
+    if args.command == "presets":
+        from .learner.commands import describe_presets
+        print(describe_presets())
         return 0
     if args.command == "algos":
         from .learner.commands import describe_algorithms

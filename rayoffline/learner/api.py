@@ -96,7 +96,7 @@ def _from_config_file(config: dict[str, Any] | str | Path | None, algo: str | No
 def train(algo: str | None, data: str | None, out: str | Path, steps: int | None = None,
           config: dict[str, Any] | str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
           seed: int | None = None, resume: bool = False, allow_data_change: bool = False,
-          verbose: bool = False) -> dict[str, Any]:
+          verbose: bool = False, preset: str | None = None) -> dict[str, Any]:
     """Train an offline RL algorithm on a converted dataset; returns the result (also OUT/result.json).
 
     Args:
@@ -116,6 +116,9 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
             started (the change is recorded in config.yaml under data_changes).
         verbose: Ray Train runs: show Ray's own logs and the workers' output on the terminal (they always go
             to RUN_DIR/ray.log and Ray's session directory).
+        preset: a reference preset's name (tune_configs/presets/NAME.yaml, e.g. 'iql-hopper-medium'): its
+            algorithm, dataset and settings beneath `config` and `overrides`; `algo` may be None, `data`
+            replaces the preset's dataset.
 
     Returns:
         dict with eval_return_mean/std and normalized_score of the best member, `members` (one entry per
@@ -156,8 +159,9 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         if algo is not None and algo != saved_algo:
             raise ConfigError(f"--resume: {run_dir} was trained with algorithm {saved_algo!r}, not {algo!r}; a "
                               f"resumed run keeps its algorithm, dataset and seeds (start a new run to change them)")
-        if config is not None or seed is not None:
-            raise ConfigError("--resume continues the run's saved config.yaml; --config/--seed cannot change it")
+        if config is not None or seed is not None or preset is not None:
+            raise ConfigError("--resume continues the run's saved config.yaml; --config/--seed/--preset cannot "
+                              "change it")
         extra = parse_overrides(overrides) if isinstance(overrides, list) else nest_dotted(overrides or {})
         frozen = sorted(k for k in extra if k in ("algo", "members", "seed"))
         if frozen:
@@ -181,11 +185,17 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
             raise ConfigError(f"--steps {cfg['run'].steps} is below the {start} steps {run_dir} has already trained")
     else:
         config, algo, data = _from_config_file(config, algo, data)
+        space = None
+        if preset is not None:
+            from . import presets
+            config, algo, data, space = presets.apply(preset, algo, data, config)
         if data is not None and not data.startswith(("builtin:", "minari:")) and not is_uri(data):
             data = str(Path(data).resolve())
         if algo is None or data is None:
             raise ConfigError("train needs an algorithm (--algo) and a dataset (--data)")
         cfg = build_config(algo, config, overrides, steps=steps, seed=seed)
+        if space is not None:
+            presets.check_action_space(preset, space, open_dataset(data)[1], data)
     spec = RunSpec(cfg=cfg, data=data, run_dir=str(run_dir), resume=resume,
                    checkpoint=str(state_path) if state_path is not None else None, data_changes=history,
                    data_changed_now=resume and change is not None, submitted=submitted)

@@ -70,7 +70,7 @@ def train_from_cli(args: argparse.Namespace) -> int:
     overrides = list(args.set) + [f"{k}={v}" for k, v in ray_flags.items() if v is not None]
     result = train(args.algo, args.data, args.out, steps=args.steps, config=args.config, overrides=overrides,
                    seed=args.seed, resume=args.resume, allow_data_change=args.allow_data_change,
-                   verbose=args.verbose)
+                   verbose=args.verbose, preset=args.preset)
     print(format_result(result, args.out))
     return 0
 
@@ -91,6 +91,13 @@ def eval_from_cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def _groups(cls) -> list[str]:
+    from ..spec import EnvSpec
+    spec = (EnvSpec(obs_dim=1, action_dim=2, discrete=True, env_id=None) if "continuous" not in cls.action_types
+            else EnvSpec(obs_dim=1, action_dim=1, discrete=False, action_low=(-1.0,), action_high=(1.0,), env_id=None))
+    return list(cls(spec, [cls.Config(hidden=(1,))], [0]).optim_groups())
+
+
 def describe_algorithms() -> str:
     lines = []
     for name in algorithms.names():
@@ -105,11 +112,28 @@ def describe_algorithms() -> str:
             if f.name == "hidden" and doc.startswith("Hidden layer widths of the algorithm's MLPs"):
                 doc = f"Hidden layer widths of the {cls.networks}."
             lines.append(f"    algo.{f.name} = {default!r}{member}: {doc}")
+        lines.append(f"    optimizer groups (lr_schedule keys), with the defaults: {', '.join(_groups(cls))}")
         lines.append("")
     lines.append("run settings (all algorithms)")
     docs = field_docs(RunConfig)
     for f in dataclasses.fields(RunConfig):
         lines.append(f"    {f.name} = {f.default!r}: {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def describe_presets() -> str:
+    from . import presets
+    found = presets.names()
+    if not found:
+        return f"no presets in {presets.preset_dir()}"
+    rows = []
+    for name in found:
+        p = presets.load(name)
+        rows.append((name, str(p.get("algo_name")), str(p.get("data") or "(pass --data)"), str(p.get("source", ""))))
+    w0, w1, w2 = (max(len(r[i]) for r in rows) for i in range(3))
+    lines = [f"{'preset':<{w0}}  {'algo':<{w1}}  {'dataset':<{w2}}  source"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c:<{w2}}  {d}" for a, b, c, d in rows]
+    lines.append(f"\nuse: rayoffline train --preset NAME --data DIR --out RUN  (files in {presets.preset_dir()})")
     return "\n".join(lines)
 
 
