@@ -17,11 +17,13 @@ Defaults: CORL's `iql.py` (the reference implementation publishing D4RL scores):
 exp-advantage clip 100, Gaussian actor with a state-independent log-std, soft target rate 0.005, Adam 3e-4 for
 the value net, the critics and the actor, 2 x 256 hidden layers, observations standardized.
 
+The reference's actor cosine schedule and reward scaling are the learner's, not this loss's: run keys
+`lr_schedule: {actor: cosine}` (CORL anneals the actor's rate to 0 over the run with CosineAnnealingLR) and
+`reward_scale: return_range` (CORL's locomotion configs: r * 1000 / (max - min episode return); AntMaze:
+`{scale: 1, bias: -1}`), both set by the presets `iql-<env>-<dataset>` (tune_configs/presets).
+
 **Deviations**
-- No cosine schedule on the actor's learning rate (CORL anneals it to 0 over the run with CosineAnnealingLR);
-  learning rates are constant, the learner owns optimizers and schedules.
-- Rewards are used as given. CORL's locomotion configs rescale them by 1000 / (max return - min return) of the
-  dataset (and subtract 1 on AntMaze); that belongs to the data pipeline, not to this loss.
+- The defaults are constant learning rates and unscaled rewards (the presets carry the reference's).
 - Actions are normalized to [-1, 1] before the log-likelihood (identical for D4RL's max_action = 1 tasks).
 - No actor dropout option (CORL uses it only for Adroit).
 """
