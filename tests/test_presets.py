@@ -88,3 +88,17 @@ def test_resume_refuses_a_preset(preset_dir, tmp_path):
     rayoffline.train(None, None, tmp_path / "a", preset="iql-pendulum-test")
     with pytest.raises(ConfigError, match="--preset cannot change it"):
         rayoffline.train(None, None, tmp_path / "a", resume=True, preset="iql-pendulum-test")
+
+
+def test_a_sweep_builds_on_a_preset(preset_dir):
+    from rayoffline.sweep.space import load_sweep
+    sweep = load_sweep({"preset": "iql-pendulum-test", "config": {"steps": 8},
+                        "space": {"algo.expectile": {"grid": [0.6, 0.8]}}})
+    assert sweep.algo == "iql" and sweep.data == "builtin:pendulum-medium" and sweep.preset == "iql-pendulum-test"
+    assert sweep.config["steps"] == 8 and sweep.config["algo"]["beta"] == 7.0
+    assert sweep.config["lr_schedule"] == {"actor": "cosine"}
+    with pytest.raises(ConfigError, match=r"sweep key 'preset': --preset 'iql-pendulum-test' is for algorithm "
+                                          r"'iql', not 'cql'"):
+        load_sweep({"preset": "iql-pendulum-test", "algo": "cql"})
+    with pytest.raises(ConfigError, match=r"sweep key 'preset':.*no such preset"):
+        load_sweep({"preset": "iql-nothing", "algo": "iql", "data": "builtin:pendulum-medium"})

@@ -80,6 +80,10 @@ def tune(sweep: str | Path | dict[str, Any] | None, out: str | Path | None = Non
         data = str(Path(data).resolve())
         spec = dataclasses.replace(spec, data=data)
     _, meta = open_dataset(spec.data)
+    if spec.preset is not None:
+        from ..learner import presets
+        presets.check_action_space(spec.preset, str(presets.load(spec.preset).get("action_space", "continuous")),
+                                   meta, spec.data)
     check_metric(spec, meta)
 
     handler = _connect(spec, address, out, verbose)

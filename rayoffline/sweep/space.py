@@ -1,7 +1,8 @@
 """The sweep file of `rayoffline tune SWEEP.yaml`: validated into a `Sweep`, turned into Ray Tune objects.
 
-    algo: cql                          # required
+    algo: cql                          # required (unless a preset names it)
     data: builtin:pendulum-medium      # required: a converted dataset directory, builtin:NAME or a URI
+    preset: cql-hopper-medium          # optional: reference settings beneath config: (tune_configs/presets)
     config:                            # optional: fixed run keys and `algo:` fields, as in a `train --config` file
       steps: 20000
       log_every: 1000                  # Tune gets one result per log_every steps
@@ -56,8 +57,8 @@ from ..errors import ConfigError
 from ..learner.config import RUN_KEYS, build_config, nest_dotted
 
 KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
-TOP_KEYS = ("algo", "data", "config", "space", "seeds", "num_samples", "metric", "mode", "scheduler", "search",
-            "resources", "max_concurrency", "pack_size", "fuse", "max_failures", "name")
+TOP_KEYS = ("algo", "data", "preset", "config", "space", "seeds", "num_samples", "metric", "mode", "scheduler",
+            "search", "resources", "max_concurrency", "pack_size", "fuse", "max_failures", "name")
 SCHEDULER_OPTIONS = {
     "fifo": (),
     "asha": ("grace_period", "reduction_factor", "max_t", "brackets"),
@@ -93,6 +94,8 @@ class Sweep:
     fuse: bool = True
     max_failures: int = 1
     name: str = "sweep"
+    preset: str | None = None
+    """The reference preset beneath `config` (tune_configs/presets/NAME.yaml), already merged into it."""
 
 
 def _err(key: str, msg: str) -> ConfigError:
@@ -160,6 +163,18 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
     if unknown:
         raise _err(unknown[0], f"unknown key; sweep keys: {', '.join(TOP_KEYS)} (run and algorithm settings "
                                f"go under config:, distributions under space:)")
+    preset = raw.get("preset")
+    if preset is not None:
+        if not isinstance(preset, str) or not preset:
+            raise _err("preset", f"expected a preset name (`rayoffline presets` lists them), got {preset!r}")
+        from ..learner import presets
+        if not isinstance(plain(raw.get("config")) or {}, dict):
+            raise _err("config", f"expected a mapping of run keys and algo: fields, got {raw.get('config')!r}")
+        try:
+            raw["config"], raw["algo"], raw["data"], _ = presets.apply(
+                preset, raw.get("algo"), raw.get("data"), plain(raw.get("config")) or {})
+        except ConfigError as e:
+            raise _err("preset", str(e)) from None
     algo = _string(raw, "algo", None)
     data = _string(raw, "data", None)
     try:
@@ -185,7 +200,7 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
     sweep = Sweep(algo=algo, data=data, config=config, space=space, seeds=_seeds(raw.get("seeds", 1)),
                   num_samples=_int(raw, "num_samples", 1, 1), metric=metric, mode=mode, scheduler={},
                   search=search, resources=resources, max_concurrency=_int(raw, "max_concurrency", 0, 0),
-                  pack_size=pack_size, fuse=fuse, max_failures=max_failures, name=name)
+                  pack_size=pack_size, fuse=fuse, max_failures=max_failures, name=name, preset=preset)
     scheduler = _scheduler(sweep, built, raw.get("scheduler"))
     if scheduler["type"] == "pbt" and search["type"] == "optuna":
         raise _err("search.type", "scheduler pbt explores by itself and takes no search algorithm "
