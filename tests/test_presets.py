@@ -106,3 +106,9 @@ def test_a_sweep_builds_on_a_preset(preset_dir):
         load_sweep({"preset": "iql-pendulum-test", "algo": "cql"})
     with pytest.raises(ConfigError, match=r"sweep key 'preset':.*no such preset"):
         load_sweep({"preset": "iql-nothing", "algo": "iql", "data": "builtin:pendulum-medium"})
+
+
+def test_a_sweep_searches_keys_its_preset_sets(preset_dir):
+    from rayoffline.sweep.space import load_sweep
+    sweep = load_sweep({"preset": "iql-pendulum-test", "space": {"algo.beta": {"grid": [1.0, 2.0]}}})
+    assert "beta" not in sweep.config["algo"] and sweep.config["algo"]["hidden"] == [8, 8]

@@ -51,12 +51,20 @@ def _closest(name: str, known: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def apply(name: str, algo: str | None, data: str | None,
-          config: dict[str, Any] | None) -> tuple[dict[str, Any], str, str | None, str]:
+def apply(name: str, algo: str | None, data: str | None, config: dict[str, Any] | None,
+          drop: Any = ()) -> tuple[dict[str, Any], str, str | None, str]:
     """(the config with the preset beneath it, the algorithm, the dataset, the preset's action space).
-    An --algo other than the preset's is an error naming both."""
+    An --algo other than the preset's is an error naming both. `drop`: dotted keys the preset leaves to
+    someone else (a sweep's searched keys)."""
     from ..config import merge
     raw = dict(load(name))
+    for key in drop:
+        *parents, last = str(key).split(".")
+        d = raw
+        for part in parents:
+            d = d.get(part) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(last, None)
     p_algo = str(raw.pop("algo_name"))
     space = str(raw.pop("action_space", "continuous"))
     p_data = raw.pop("data", None)
