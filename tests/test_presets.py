@@ -51,6 +51,11 @@ def preset_dir(tmp_path, monkeypatch):
         "action_space": "continuous", "data": "builtin:pendulum-medium", "steps": 12, "log_every": 6,
         "eval_episodes": 0, "progress": "off", "reward_scale": {"scale": 2.0, "bias": -1.0},
         "lr_schedule": {"actor": "cosine"}, "algo": {"beta": 7.0, "hidden": [8, 8]}}))
+    (d / "td3_bc-hopper-test.yaml").write_text(yaml.safe_dump({
+        "source": "a test preset on a Minari dataset to convert first", "algo_name": "td3_bc",
+        "action_space": "continuous", "data": "minari:mujoco/hopper/medium-v0", "steps": 10}))
+    (d / "td3_bc-nodata-test.yaml").write_text(yaml.safe_dump({
+        "source": "a test preset without a hosted dataset", "algo_name": "td3_bc", "action_space": "continuous"}))
     monkeypatch.setenv("RAYOFFLINE_PRESETS", str(d))
     return d
 
@@ -81,8 +86,16 @@ def test_preset_errors_name_what_is_wrong(preset_dir, tmp_path, capsys):
                                           r"actions \(Discrete\(2\)\)"):
         rayoffline.train(None, "builtin:cartpole-medium", out, preset="iql-pendulum-test")
     assert not out.exists()
+    with pytest.raises(ConfigError, match=r"trains on minari:mujoco/hopper/medium-v0: convert it once with "
+                                          r"`rayoffline data convert minari:mujoco/hopper/medium-v0 --out DIR` and "
+                                          r"pass --data DIR"):
+        rayoffline.train(None, None, out, preset="td3_bc-hopper-test")
+    with pytest.raises(ConfigError, match=r"'td3_bc-nodata-test' names no dataset.*pass --data DIR"):
+        rayoffline.train(None, None, out, preset="td3_bc-nodata-test")
+    assert not out.exists()
     rc = main(["train", "--preset", "nope", "--out", str(out)])
-    assert rc == 2 and "presets: iql-pendulum-test" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "presets: iql-pendulum-test; td3_bc-{hopper-test, nodata-test}" in err, err
     assert main(["presets"]) == 0
     listing = capsys.readouterr().out
     assert "iql-pendulum-test" in listing and "a test preset" in listing

@@ -34,7 +34,7 @@ def load(name: str) -> dict[str, Any]:
     if not path.is_file():
         known = names()
         hint = _closest(name, known)
-        listing = ", ".join(known) if known else f"none found in {preset_dir()}"
+        listing = _listing(known) if known else f"none found in {preset_dir()}"
         raise ConfigError(f"--preset {name!r}: no such preset{hint}; presets: {listing}")
     try:
         raw = load_yaml(path.read_text(encoding="utf-8"))
@@ -45,6 +45,16 @@ def load(name: str) -> dict[str, Any]:
     return raw
 
 
+def _listing(known: list[str]) -> str:
+    """'cql-{antmaze-umaze, hopper-medium}, iql-{...}': the names grouped by their algorithm prefix."""
+    groups: dict[str, list[str]] = {}
+    for n in known:
+        head, _, rest = n.partition("-")
+        groups.setdefault(head, []).append(rest)
+    return "; ".join(f"{head}-{{{', '.join(rest)}}}" if len(rest) > 1 else f"{head}-{rest[0]}"
+                     for head, rest in groups.items())
+
+
 def _closest(name: str, known: list[str]) -> str:
     import difflib
     close = difflib.get_close_matches(name, known, n=1)
@@ -52,10 +62,10 @@ def _closest(name: str, known: list[str]) -> str:
 
 
 def apply(name: str, algo: str | None, data: str | None, config: dict[str, Any] | None,
-          drop: Any = ()) -> tuple[dict[str, Any], str, str | None, str]:
+          drop: Any = (), data_key: str = "--data") -> tuple[dict[str, Any], str, str, str]:
     """(the config with the preset beneath it, the algorithm, the dataset, the preset's action space).
     An --algo other than the preset's is an error naming both. `drop`: dotted keys the preset leaves to
-    someone else (a sweep's searched keys)."""
+    someone else (a sweep's searched keys). `data_key`: how the caller's dataset is given, for the errors."""
     from ..config import merge
     raw = dict(load(name))
     for key in drop:
@@ -72,9 +82,15 @@ def apply(name: str, algo: str | None, data: str | None, config: dict[str, Any] 
     if algo is not None and algo != p_algo:
         mine = [n for n in names() if n.startswith(f"{algo}-")]
         raise ConfigError(f"--preset {name!r} is for algorithm {p_algo!r}, not {algo!r}; "
-                          + (f"presets for {algo}: {', '.join(mine)}" if mine else f"there are no presets for {algo}"))
+                          + (f"presets for {algo}: {_listing(mine)}" if mine else f"there are no presets for {algo}"))
+    if data is None and p_data is not None and str(p_data).startswith("minari:"):
+        raise ConfigError(f"--preset {name!r} trains on {p_data}: convert it once with `rayoffline data convert "
+                          f"{p_data} --out DIR` and pass {data_key} DIR")
+    if data is None and p_data is None:
+        raise ConfigError(f"--preset {name!r} names no dataset (Minari hosts none for it; see its comments): pass "
+                          f"{data_key} DIR, e.g. a D4RL file converted with `rayoffline data convert FILE.hdf5 --out DIR`")
     merged = merge(raw, config or {})
-    return merged, p_algo, data if data is not None else (str(p_data) if p_data is not None else None), space
+    return merged, p_algo, data if data is not None else str(p_data), space
 
 
 def check_action_space(name: str, space: str, meta: dict[str, Any], data: str) -> None:

@@ -175,7 +175,7 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
             mutations = sched.get("hyperparam_mutations") if isinstance(sched, dict) else None
             searched = [*(space if isinstance(space, dict) else ()), *(mutations if isinstance(mutations, dict) else ())]
             raw["config"], raw["algo"], raw["data"], _ = presets.apply(  # searched keys are the sweep's
-                preset, raw.get("algo"), raw.get("data"), plain(raw.get("config")) or {}, drop=searched)
+                preset, raw.get("algo"), raw.get("data"), plain(raw.get("config")) or {}, drop=searched, data_key="data:")
         except ConfigError as e:
             raise _err("preset", str(e)) from None
     algo = _string(raw, "algo", None)
