@@ -174,14 +174,16 @@ class Learner:
             batch = dataclasses.replace(batch, rewards=batch.rewards * scale + bias)
         return batch
 
-    def set_learning_rates(self) -> None:
-        """Every group's rate for each member's next update (its configured rate times its schedule's factor
-        at the member's step); a group without a schedule gets its configured rate (after a checkpoint load,
-        whose saved rate may be another run's, e.g. a PBT donor's)."""
+    def set_learning_rates(self, scheduled_only: bool = False) -> None:
+        """Every group's rate for each member's next update: its configured rate times its schedule's factor
+        at the member's step. Groups without a schedule get their configured rate unless `scheduled_only` (after
+        a checkpoint load, whose saved rate may be another run's, e.g. a PBT donor's)."""
         for name, g in self.groups.items():
             fn = self.schedules.get(name)
-            base = self.base_lr[name]
-            g.set_lrs([base * fn(t) for t in self.member_steps] if fn is not None else [base] * len(self.member_steps))
+            if fn is not None:
+                g.set_lrs([self.base_lr[name] * fn(t) for t in self.member_steps])
+            elif not scheduled_only:
+                g.set_lrs([self.base_lr[name]] * len(self.member_steps))
 
     def apply(self, group: str, loss: torch.Tensor) -> None:
         """Backward of `loss` (K,) into `group`'s parameters only, all-reduce, optimizer step."""
@@ -201,9 +203,7 @@ class Learner:
         a pack keeps equal for all members modulo the algorithm's `step_period`, and the per-member counts in
         `algorithm.member_steps` for per-member thresholds."""
         if self.schedules:  # rates for this update, from the steps each member had before it
-            for name, fn in self.schedules.items():
-                base = self.base_lr[name]
-                self.groups[name].set_lrs([base * fn(t) for t in self.member_steps])
+            self.set_learning_rates(scheduled_only=True)
         self.member_steps = [s + 1 for s in self.member_steps]
         if step is not None and step != self.member_steps[0]:
             raise ValueError(f"learner is at step {self.member_steps[0]}, asked for step {step}")

@@ -192,8 +192,8 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
         scale, bias = learner.reward
         say(f"rewards r -> {scale:.6g} * r" + (f" {'+' if bias >= 0 else '-'} {abs(bias):g}" if bias else "")
             + f" (reward_scale: {_describe(run.reward_scale)})"
-            + (" as the checkpoint was trained; the dataset's returns now give "
-               f"{configured[0]:.6g} * r + {configured[1]:g}" if learner.reward != configured else ""))
+            + (f", kept from the checkpoint: this run's setting on this dataset would give {configured[0]:.6g} * r + "
+               f"{configured[1]:g}" if learner.reward != configured else ""))
     created = not run_dir.exists()
     fresh = spec.in_process and not spec.resume and checkpoint is None
     finished_steps = 0
