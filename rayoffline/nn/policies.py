@@ -47,14 +47,28 @@ class GaussianActor(nn.Module):
 
 
 class TanhGaussianActor(nn.Module):
-    """SAC's squashed Gaussian: u ~ N(mu(s), sigma(s)), a = tanh(u). (K, B, obs) -> (K, B, act)."""
+    """SAC's squashed Gaussian: u ~ N(mu(s), sigma(s)), a = tanh(u). (K, B, obs) -> (K, B, act).
+
+    The network's second head h(s) gives log sigma = clamp(h(s), log_std_min, log_std_max). With
+    `log_std_offset` set, log sigma = clamp(m * h(s) + c, ...) with learnable per-member scalars m (started at
+    1) and c (started at `log_std_offset`), parameters `log_std_multiplier` and `log_std_offset` of shape (K,)
+    (the reference CQL policy's Scalar pair); unset (None), the actor has no such parameters.
+    `init`/`gain`/`last_init`/`last_gain` go to the MemberMLP.
+    """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], gens: Sequence[torch.Generator],
-                 log_std_min: float = -20.0, log_std_max: float = 2.0) -> None:
+                 log_std_min: float = -20.0, log_std_max: float = 2.0, log_std_offset: float | None = None,
+                 init: str = "default", gain: float = 1.0, last_init: str = "default",
+                 last_gain: float = 1.0) -> None:
         super().__init__()
         self.act_dim = act_dim
-        self.net = MemberMLP(obs_dim, hidden, 2 * act_dim, gens)
+        self.net = MemberMLP(obs_dim, hidden, 2 * act_dim, gens, init=init, gain=gain, last_init=last_init,
+                             last_gain=last_gain)
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        self.affine = log_std_offset is not None
+        if self.affine:
+            self.log_std_multiplier = nn.Parameter(torch.ones(len(gens)))                       # (K,)
+            self.log_std_offset = nn.Parameter(torch.full((len(gens),), float(log_std_offset)))  # (K,)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:  # deterministic action tanh(mu)
         return torch.tanh(self.net(obs)[..., : self.act_dim])
@@ -62,6 +76,9 @@ class TanhGaussianActor(nn.Module):
     def dist(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.net(obs)
         mean, log_std = out[..., : self.act_dim], out[..., self.act_dim:]
+        if self.affine:  # (K,) scalars against (K, ..., act)
+            shape = (-1,) + (1,) * (log_std.dim() - 1)
+            log_std = self.log_std_multiplier.view(shape) * log_std + self.log_std_offset.view(shape)
         return mean, log_std.clamp(self.log_std_min, self.log_std_max)
 
     def sample(self, obs: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +109,16 @@ class TanhGaussianActor(nn.Module):
 
 
 class TwinQ(nn.Module):
-    """E (default 2) Q-networks per member on concat(s, a): (K, B, obs), (K, B, act) -> (K, E, B)."""
+    """E (default 2) Q-networks per member on concat(s, a): (K, B, obs), (K, B, act) -> (K, E, B).
+    `init`/`gain`/`last_init`/`last_gain` go to the MemberMLP."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int], gens: Sequence[torch.Generator],
-                 ensemble: int = 2) -> None:
+                 ensemble: int = 2, init: str = "default", gain: float = 1.0, last_init: str = "default",
+                 last_gain: float = 1.0) -> None:
         super().__init__()
         self.ensemble = ensemble
-        self.net = MemberMLP(obs_dim + act_dim, hidden, 1, gens, ensemble=ensemble)
+        self.net = MemberMLP(obs_dim + act_dim, hidden, 1, gens, ensemble=ensemble, init=init, gain=gain,
+                             last_init=last_init, last_gain=last_gain)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         k, b, _ = obs.shape

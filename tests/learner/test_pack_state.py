@@ -32,7 +32,11 @@ def _member(learner, i):
     return [p[i * (p.shape[0] // k):(i + 1) * (p.shape[0] // k)] for p in learner.algorithm.parameters()]
 
 
-@pytest.mark.parametrize("name,extra", [("iql", {}), ("td3_bc", {}), ("cql", {"bc_steps": 5}), ("bcq", {})])
+@pytest.mark.parametrize("name,extra", [
+    ("iql", {}), ("td3_bc", {}), ("cql", {"bc_steps": 5}), ("bcq", {}),
+    # CORL's options: per-member log-std scalars (K,) in the state and the actor's optimizer chunks
+    ("cql", {"bc_steps": 5, "log_std_offset": -1.0, "orthogonal_init": True, "last_layer_gain": 1e-2,
+             "max_target_backup": True})])
 def test_members_joined_at_different_steps_continue_as_alone(name, extra):
     cls = algorithms.get(name)
     data = random_data(spec_for(cls), n=512)
