@@ -250,5 +250,5 @@ def evaluate_run(run_dir: str | Path, episodes: int = 10) -> dict[str, Any]:
            "eval_return_std": ev["return_std"], "normalized_score": ev["normalized_score"],
            "behavior_return_mean": (meta.get("return_stats") or {}).get("mean"),
            "members": [{"seed": s, "algo": c} for s, c in zip(state["seeds"], state["member_configs"])]}
-    ckpt.atomic_write_text(Path(run_dir) / "eval.json", json.dumps(out, indent=2) + "\n")
+    ckpt.atomic_write_json(Path(run_dir) / "eval.json", out)
     return out

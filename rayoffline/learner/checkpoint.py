@@ -5,6 +5,8 @@ dataset metadata.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
 import re
@@ -79,6 +81,22 @@ def load(path: str | Path) -> dict[str, Any]:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half of one."""
     _write_atomic(path, "w", lambda f: f.write(text))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """`obj` as strict JSON (atomic, as atomic_write_text): non-finite floats, e.g. an unbounded clip_diff_max
+    in a config, become the strings "inf", "-inf" and "nan", which JSON parsers outside Python accept."""
+    atomic_write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _write_atomic(path: Path, mode: str, write) -> None:

@@ -8,7 +8,6 @@ first update leaves the directory as it found it.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -300,7 +299,7 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     result["first_update_at"] = spec_submitted + first_update_s if first_update_s is not None else None
     if ctx.node is not None:
         result["worker_nodes"] = nodes  # by rank
-    ckpt.atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    ckpt.atomic_write_json(run_dir / "result.json", result)
     return result
 
 

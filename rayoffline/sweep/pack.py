@@ -412,7 +412,7 @@ class Pack:
         result = make_result(m.cfg, self.meta, m.last_eval, m.cfg["run"], rate, wall)
         result["pack"] = self.name
         result["pack_members"] = self.learner.algorithm.K  # members in the pass this trial finished in
-        ckpt.atomic_write_text(m.run_dir / "result.json", json.dumps(result, indent=2) + "\n")
+        ckpt.atomic_write_json(m.run_dir / "result.json", result)
 
     def _stats(self) -> dict[str, Any]:
         return {"pack": self.name, "device": str(self.device), "threads": self.threads, "passes": self.passes,

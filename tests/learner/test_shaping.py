@@ -193,3 +193,15 @@ def test_run_records_its_transform_and_schedule(tmp_path):
     state = ckpt.load(ckpt.latest(out))
     assert state["learner"]["reward_transform"] == [pytest.approx(scale), 0.0]
     assert state["run_config"]["reward_scale"] == "return_range"
+
+
+def test_result_files_are_strict_json(tmp_path):
+    """CQL's unbounded clip_diff_max default is inf: result.json must still parse outside Python."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    rayoffline.train("cql", "builtin:pendulum-medium", out=tmp_path / "run", steps=2, overrides={
+        "eval_episodes": 0, "progress": "off", "algo.hidden": [8, 8], "algo.cql_n_actions": 2})
+    result = json.loads((tmp_path / "run" / "result.json").read_text(), parse_constant=refuse)
+    assert result["members"][0]["algo"]["clip_diff_max"] == "inf"
