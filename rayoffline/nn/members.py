@@ -20,16 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-_MASK = (1 << 63) - 1
-
-
-def mix_seed(seed: int, stream: int) -> int:
-    """Derive an independent 63-bit seed for (seed, stream) (splitmix64 finalizer)."""
-    z = (int(seed) * 0x9E3779B97F4A7C15 + (stream + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return (z ^ (z >> 31)) & _MASK
-
+from .rng import MemberRNG, mix_seed  # noqa: F401 - the member streams live in rng.py
 
 STREAM_INIT, STREAM_NOISE, STREAM_SAMPLE, STREAM_EVAL = 0, 1, 2, 3
 INITS = ("default", "orthogonal", "xavier")
@@ -38,54 +29,6 @@ INITS = ("default", "orthogonal", "xavier")
 def init_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """CPU generators for weight initialization, one per member (device-independent weights)."""
     return [torch.Generator().manual_seed(mix_seed(s, STREAM_INIT)) for s in seeds]
-
-
-class MemberRNG:
-    """K random streams on one device; every draw returns a leading member dim (K, ...).
-
-    Member k's numbers depend only on its seed, so a K-member run reproduces each member's K=1 run.
-
-    Data-parallel workers (rank of world) draw in one of two ways:
-    - shared (replicate mode): every rank draws the global stream and keeps its slice of the first drawn
-      dimension (the batch): draws of size (b, ...) take rows [rank*b, (rank+1)*b) of the global (world*b, ...)
-      draw, so `world` workers with local batch b see exactly what one worker with batch world*b sees;
-    - not shared (split mode): rank is mixed into the seed, so every rank has a stream of its own (rank 0's is
-      the single-process stream).
-    """
-
-    def __init__(self, seeds: Sequence[int], device: torch.device | str, stream: int, rank: int = 0,
-                 world: int = 1, shared: bool = True) -> None:
-        self.device = torch.device(device)
-        self.rank, self.world, self.shared = rank, world, shared
-        mixed = stream if shared or rank == 0 else stream + (rank << 8)
-        self.gens = [torch.Generator(device=self.device).manual_seed(mix_seed(s, mixed)) for s in seeds]
-
-    def _draw(self, fn, size: Sequence[int], **kw) -> torch.Tensor:
-        size = tuple(size)
-        if self.shared and self.world > 1 and size:
-            rows = size[0]
-            full = (rows * self.world, *size[1:])
-            out = torch.stack([fn(full, generator=g, device=self.device, **kw) for g in self.gens])
-            return out[:, self.rank * rows:(self.rank + 1) * rows]
-        return torch.stack([fn(size, generator=g, device=self.device, **kw) for g in self.gens])
-
-    def randint(self, high: int, size: Sequence[int]) -> torch.Tensor:
-        return self._draw(lambda sz, **kw: torch.randint(high, sz, **kw), size)
-
-    def rand(self, size: Sequence[int]) -> torch.Tensor:
-        return self._draw(torch.rand, size)
-
-    def randn(self, size: Sequence[int]) -> torch.Tensor:
-        return self._draw(torch.randn, size)
-
-    def get_state(self) -> list[torch.Tensor]:
-        return [g.get_state() for g in self.gens]
-
-    def set_state(self, states: Sequence[torch.Tensor]) -> None:
-        if len(states) != len(self.gens):
-            raise ValueError(f"RNG state for {len(states)} members, this run has {len(self.gens)}")
-        for g, s in zip(self.gens, states):
-            g.set_state(s.cpu() if isinstance(s, torch.Tensor) else s)
 
 
 class MemberLinear(nn.Module):
