@@ -18,6 +18,7 @@ from rayoffline.learner.config import build_config
 from rayoffline.learner.loop import Learner
 from rayoffline.learner.shaping import reward_transform, schedules
 from tests.helpers import random_data, spec_for
+from tests.learner.test_pack_state import _steps
 
 SCHED = {"actor": "cosine", "critic": "linear_warmup"}
 
@@ -41,14 +42,6 @@ def _lrs(learner, group):
             if id(g.chunks[k * per]) in ids:
                 out[k] = pg["lr"]
     return out
-
-
-def _steps(learner, n):
-    hist = []
-    for _ in range(n):
-        learner.step()
-        hist.append(learner.pop_metrics())
-    return hist
 
 
 def test_schedule_factors():
