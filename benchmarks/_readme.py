@@ -1,6 +1,8 @@
-"""Write a benchmark's table into README.md between its <!-- NAME:start --> and <!-- NAME:end --> markers."""
+"""Write a benchmark's table into README.md between its <!-- NAME:start --> and <!-- NAME:end --> markers; name
+the machine a table was measured on."""
 from __future__ import annotations
 
+import platform
 import re
 from pathlib import Path
 
@@ -17,3 +19,14 @@ def write_block(name: str, table: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     README.write_text(text)
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
