@@ -27,7 +27,8 @@ from torch import nn
 from ..batch import Batch
 from ..config import is_member_field, member, require
 from ..errors import ConfigError
-from ..nn.members import STREAM_NOISE, MemberRNG, init_generators
+from ..nn.members import STREAM_NOISE, init_generators
+from ..nn.rng import MemberRNG
 from ..spec import EnvSpec
 
 Update = Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]

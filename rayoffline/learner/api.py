@@ -185,17 +185,16 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
             raise ConfigError(f"--steps {cfg['run'].steps} is below the {start} steps {run_dir} has already trained")
     else:
         config, algo, data = _from_config_file(config, algo, data)
-        space = None
         if preset is not None:
             from . import presets
-            config, algo, data, space = presets.apply(preset, algo, data, config)
+            config, algo, data = presets.apply(preset, algo, data, config)
         if data is not None and not data.startswith(("builtin:", "minari:")) and not is_uri(data):
             data = str(Path(data).resolve())
         if algo is None or data is None:
             raise ConfigError("train needs an algorithm (--algo) and a dataset (--data)")
         cfg = build_config(algo, config, overrides, steps=steps, seed=seed)
-        if space is not None:
-            presets.check_action_space(preset, space, open_dataset(data)[1], data)
+        if preset is not None:
+            presets.check_action_space(preset, open_dataset(data)[1], data)
     spec = RunSpec(cfg=cfg, data=data, run_dir=str(run_dir), resume=resume,
                    checkpoint=str(state_path) if state_path is not None else None, data_changes=history,
                    data_changed_now=resume and change is not None, submitted=submitted)

@@ -17,7 +17,8 @@ import torch
 from ..algorithms.base import Algorithm
 from ..batch import Batch
 from ..errors import CheckpointError
-from ..nn.members import STREAM_SAMPLE, MemberRNG
+from ..nn.members import STREAM_SAMPLE
+from ..nn.rng import MemberRNG
 
 
 def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -76,9 +77,14 @@ class FlatGroup:
             saved = {"state": state, "param_groups": [{**saved["param_groups"][0],
                                                        "params": list(range(len(self.chunks)))}]}
         if len(self.optimizer.param_groups) > 1:  # back to the one group a state dict describes
-            self.optimizer.param_groups = [{**self.optimizer.param_groups[0], "params": list(self.chunks)}]
+            self.optimizer.param_groups = self._one_group()
             self._partition = (tuple(range(self.members)),)
         self.optimizer.load_state_dict(saved)
+
+    def _one_group(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups as one group holding every chunk in member order (the layout of a
+        state dict), with the first group's settings."""
+        return [{**self.optimizer.param_groups[0], "params": list(self.chunks)}]
 
     def set_lrs(self, lrs: list[float]) -> None:
         """Member k's chunks step with learning rate lrs[k]. Members with equal rates share one parameter group
@@ -103,7 +109,7 @@ class FlatGroup:
         groups = self.optimizer.param_groups
         if len(groups) == 1:
             return self.optimizer.state_dict()
-        self.optimizer.param_groups = [{**groups[0], "params": list(self.chunks)}]
+        self.optimizer.param_groups = self._one_group()
         try:
             return self.optimizer.state_dict()
         finally:

@@ -62,8 +62,8 @@ def _closest(name: str, known: list[str]) -> str:
 
 
 def apply(name: str, algo: str | None, data: str | None, config: dict[str, Any] | None,
-          drop: Any = (), data_key: str = "--data") -> tuple[dict[str, Any], str, str, str]:
-    """(the config with the preset beneath it, the algorithm, the dataset, the preset's action space).
+          drop: Any = (), data_key: str = "--data") -> tuple[dict[str, Any], str, str]:
+    """(the config with the preset beneath it, the algorithm, the dataset).
     An --algo other than the preset's is an error naming both. `drop`: dotted keys the preset leaves to
     someone else (a sweep's searched keys). `data_key`: how the caller's dataset is given, for the errors."""
     from ..config import merge
@@ -76,8 +76,8 @@ def apply(name: str, algo: str | None, data: str | None, config: dict[str, Any] 
         if isinstance(d, dict):
             d.pop(last, None)
     p_algo = str(raw.pop("algo_name"))
-    space = str(raw.pop("action_space", "continuous"))
     p_data = raw.pop("data", None)
+    raw.pop("action_space", None)
     raw.pop("source", None)
     if algo is not None and algo != p_algo:
         mine = [n for n in names() if n.startswith(f"{algo}-")]
@@ -90,12 +90,14 @@ def apply(name: str, algo: str | None, data: str | None, config: dict[str, Any] 
         raise ConfigError(f"--preset {name!r} names no dataset (Minari hosts none for it; see its comments): pass "
                           f"{data_key} DIR, e.g. a D4RL file converted with `rayoffline data convert FILE.hdf5 --out DIR`")
     merged = merge(raw, config or {})
-    return merged, p_algo, data if data is not None else str(p_data), space
+    return merged, p_algo, data if data is not None else str(p_data)
 
 
-def check_action_space(name: str, space: str, meta: dict[str, Any], data: str) -> None:
-    """Refuse a preset made for another action space than the dataset's, naming both."""
+def check_action_space(name: str, meta: dict[str, Any], data: str) -> None:
+    """Refuse a preset made for another action space (its `action_space`, default continuous) than the
+    dataset's, naming both."""
     from ..spec import EnvSpec
+    space = str(load(name).get("action_space", "continuous"))
     spec = EnvSpec.from_metadata(meta)
     kind = "discrete" if spec.discrete else "continuous"
     if kind != space:

@@ -46,10 +46,6 @@ def check_lr_schedule(value: Any) -> None:
                               f"{', '.join(SCHEDULES)}")
 
 
-def uses(value: Any, kind: str) -> bool:
-    return value == kind if isinstance(value, str) else kind in value.values()
-
-
 def schedules(run: Any, algo_name: str, groups: list[str]) -> dict[str, Schedule]:
     """The non-constant schedules of `run` (a RunConfig) by optimizer group; a group `lr_schedule` names
     that the algorithm does not have is an error naming the key and the algorithm's groups."""

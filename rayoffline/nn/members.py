@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .rng import MemberRNG, mix_seed  # noqa: F401 - the member streams live in rng.py
+from .rng import mix_seed
 
 STREAM_INIT, STREAM_NOISE, STREAM_SAMPLE, STREAM_EVAL = 0, 1, 2, 3
 INITS = ("default", "orthogonal", "xavier")

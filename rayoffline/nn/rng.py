@@ -81,13 +81,13 @@ class MemberRNG:
         self.k0 = torch.tensor([k & _M32 for k in keys], dtype=torch.int64, device=self.device)[:, None]
         self.k1 = torch.tensor([(k >> 32) & _M32 for k in keys], dtype=torch.int64, device=self.device)[:, None]
         self.counter = torch.zeros(len(keys), dtype=torch.int64, device=self.device)   # draws made, per member
-        self._legacy: _GeneratorStreams | None = None
+        self._gens: _GeneratorStreams | None = None  # the generator backend, when in use
         if backend == "generator" or backend == "auto" and self.device.type != "cuda":
-            self._legacy = _GeneratorStreams(self)
+            self._gens = _GeneratorStreams(self)
 
     @property
     def backend(self) -> str:
-        return "generator" if self._legacy is not None else "counter"
+        return "generator" if self._gens is not None else "counter"
 
     @property
     def members(self) -> int:
@@ -111,30 +111,30 @@ class MemberRNG:
         return [words[..., j].reshape(-1, *size) for j in range(lanes)]
 
     def rand(self, size: Sequence[int]) -> torch.Tensor:
-        if self._legacy is not None:
-            return self._legacy.draw(torch.rand, size)
+        if self._gens is not None:
+            return self._gens.draw(torch.rand, size)
         (w,) = self._words(size, 1)
         return (w >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
     def randn(self, size: Sequence[int]) -> torch.Tensor:
-        if self._legacy is not None:
-            return self._legacy.draw(torch.randn, size)
+        if self._gens is not None:
+            return self._gens.draw(torch.randn, size)
         w1, w2 = self._words(size, 2)
         u1 = ((w1 >> 8) + 1).to(torch.float32) * (1.0 / (1 << 24))               # (0, 1]
         u2 = (w2 >> 8).to(torch.float32) * (1.0 / (1 << 24))
         return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
 
     def randint(self, high: int, size: Sequence[int]) -> torch.Tensor:
-        if self._legacy is not None:
-            return self._legacy.draw(lambda sz, **kw: torch.randint(high, sz, **kw), size)
+        if self._gens is not None:
+            return self._gens.draw(lambda sz, **kw: torch.randint(high, sz, **kw), size)
         hi, lo = self._words(size, 2)
         return ((hi << 30) | (lo >> 2)) % int(high)
 
     # ----- state --------------------------------------------------------------------------------------
     def get_state(self) -> list[Any]:
         """One entry per member: its draw count (an int), or a legacy generator state."""
-        if self._legacy is not None:
-            return self._legacy.get_state()
+        if self._gens is not None:
+            return self._gens.get_state()
         return [int(c) for c in self.counter.tolist()]
 
     def set_state(self, states: Sequence[Any]) -> None:
@@ -142,7 +142,7 @@ class MemberRNG:
             raise ValueError(f"RNG state for {len(states)} members, this run has {self.members}")
         if all(isinstance(s, int) and not isinstance(s, bool) for s in states):
             self.counter.copy_(torch.tensor(list(states), dtype=torch.int64))
-            self._legacy = None
+            self._gens = None
             return
         if all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states):  # generators' states
             gens = _GeneratorStreams(self)
@@ -151,14 +151,14 @@ class MemberRNG:
             except RuntimeError:
                 raise ValueError(f"the random streams were saved by torch generators of another device type than "
                                  f"{self.device.type}; they continue exactly only there") from None
-            self._legacy = gens
+            self._gens = gens
             return
         raise ValueError("unrecognized RNG state: expected one draw count or one generator state per member")
 
 
 class _GeneratorStreams:
-    """A torch.Generator per member (the CPU backend, and what checkpoints written before the counter-based
-    streams hold)."""
+    """A torch.Generator per member: the generator backend (CPUs, and the streams of checkpoints written
+    before the counter-based ones)."""
 
     def __init__(self, rng: MemberRNG) -> None:
         self.rng = rng

@@ -82,8 +82,7 @@ def tune(sweep: str | Path | dict[str, Any] | None, out: str | Path | None = Non
     _, meta = open_dataset(spec.data)
     if spec.preset is not None:
         from ..learner import presets
-        presets.check_action_space(spec.preset, str(presets.load(spec.preset).get("action_space", "continuous")),
-                                   meta, spec.data)
+        presets.check_action_space(spec.preset, meta, spec.data)
     check_metric(spec, meta)
 
     handler = _connect(spec, address, out, verbose)

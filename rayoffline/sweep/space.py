@@ -168,14 +168,15 @@ def load_sweep(source: str | Path | dict[str, Any], overrides: list[str] | None 
         if not isinstance(preset, str) or not preset:
             raise _err("preset", f"expected a preset name (`rayoffline presets` lists them), got {preset!r}")
         from ..learner import presets
-        if not isinstance(plain(raw.get("config")) or {}, dict):
+        base = plain(raw.get("config")) or {}
+        if not isinstance(base, dict):
             raise _err("config", f"expected a mapping of run keys and algo: fields, got {raw.get('config')!r}")
         try:
             space, sched = raw.get("space"), raw.get("scheduler")
             mutations = sched.get("hyperparam_mutations") if isinstance(sched, dict) else None
             searched = [*(space if isinstance(space, dict) else ()), *(mutations if isinstance(mutations, dict) else ())]
-            raw["config"], raw["algo"], raw["data"], _ = presets.apply(  # searched keys are the sweep's
-                preset, raw.get("algo"), raw.get("data"), plain(raw.get("config")) or {}, drop=searched, data_key="data:")
+            raw["config"], raw["algo"], raw["data"] = presets.apply(  # searched keys are the sweep's
+                preset, raw.get("algo"), raw.get("data"), base, drop=searched, data_key="data:")
         except ConfigError as e:
             raise _err("preset", str(e)) from None
     algo = _string(raw, "algo", None)

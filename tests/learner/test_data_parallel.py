@@ -69,7 +69,8 @@ def test_two_replicate_workers_equal_one_worker_with_the_global_batch(name, tmp_
 
 
 def test_split_workers_draw_streams_of_their_own(tmp_path):
-    from rayoffline.nn.members import STREAM_SAMPLE, MemberRNG
+    from rayoffline.nn.members import STREAM_SAMPLE
+    from rayoffline.nn.rng import MemberRNG
     solo = MemberRNG([0, 3], "cpu", STREAM_SAMPLE).randint(100, (8,))
     assert torch.equal(MemberRNG([0, 3], "cpu", STREAM_SAMPLE, rank=0, world=2, shared=False).randint(100, (8,)), solo)
     assert not torch.equal(MemberRNG([0, 3], "cpu", STREAM_SAMPLE, rank=1, world=2, shared=False).randint(100, (8,)),
