@@ -61,11 +61,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def make_learner(name: str, k: int, device: torch.device) -> Learner:
+def make_learner(name: str, k: int, device: torch.device, compile: bool = False) -> Learner:
     cls = algorithms.get(name)
     spec = spec_for(name)
     alg = cls(spec, [cls.Config(hidden=(256, 256))] * k, list(range(k)), device=device)  # the issue: 2x256 MLPs
-    return Learner(alg, dataset(spec, device), BATCH)
+    return Learner(alg, dataset(spec, device), BATCH, compile=compile)
 
 
 def flops_per_update(name: str, k: int) -> float:
@@ -79,8 +79,10 @@ def flops_per_update(name: str, k: int) -> float:
     return counter.get_total_flops() / 2
 
 
-def rate(name: str, k: int, device: torch.device, steps: int, repeats: int) -> float:
-    learner = make_learner(name, k, device)
+def rate(name: str, k: int, device: torch.device, steps: int, repeats: int,
+         compile: bool = False) -> tuple[float, float]:
+    """(median updates/s, seconds the warm-up spent compiling)."""
+    learner = make_learner(name, k, device, compile)
     step = 0
     for _ in range(max(3, steps // 5)):  # warm-up
         step += 1
@@ -96,7 +98,7 @@ def rate(name: str, k: int, device: torch.device, steps: int, repeats: int) -> f
         learner.pop_metrics()
         sync(device)
         out.append(steps / (time.perf_counter() - t))
-    return statistics.median(out)
+    return statistics.median(out), learner.take_compile_seconds()
 
 
 def gemm_rate(device: torch.device, repeats: int) -> float:
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peer", action="store_true", help="run d3rlpy's peer_speed.sh in the same run")
     ap.add_argument("--readme", action="store_true", help="write the table into README.md")
+    ap.add_argument("--compile", action="store_true", help="also time the compiled step (compile: on)")
+    ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -155,16 +159,25 @@ def main() -> None:
             for k in ks:
                 fl = flops_per_update(name, k)
                 steps = args.steps or max(5, int(3e10 / max(fl, 1.0)) if device.type == "cpu" else 200)
-                r = rate(name, k, device, steps, args.repeats)
+                r, _ = rate(name, k, device, steps, args.repeats)
                 row[k] = r
                 row[f"floor{k}"] = r * fl / gemm
                 row[f"flops{k}"] = fl
+                if args.compile:
+                    rc, row[f"compile_s{k}"] = rate(name, k, device, steps, args.repeats, compile=True)
+                    row[f"c{k}"] = rc
+                    row[f"cfloor{k}"] = rc * fl / gemm
             if device.type == "cpu" and PEER_NAMES.get(name) in peer:
                 row["peer"] = peer[PEER_NAMES[name]]
             rows.append(row)
             print(row, flush=True)
     table = render(rows, ks, peer)
+    if args.compile:
+        table += "\n\n" + render_compiled(rows, ks)
     print(table)
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1, default=str))
     if args.readme:
         from benchmarks._readme import write_block
         write_block("throughput", table)
@@ -183,6 +196,25 @@ def render(rows, ks, peer) -> str:
             f"| {r['device']} | {r['algo']} | {r[f'flops{k1}'] / 1e6:.0f} | {r[k1]:.1f} | {100 * r[f'floor{k1}']:.0f} "
             f"| {p if p else '-'} | {f'{r[k1] / p:.2f}' if p else '-'} | {r[kn] * kn:.1f} "
             f"| {100 * r[f'floor{kn}']:.0f} | {r[kn] * kn / r[k1]:.2f} |")
+    return "\n".join(lines)
+
+
+def render_compiled(rows, ks) -> str:
+    k1, kn = ks[0], ks[-1]
+    lines = ["Compiled step (`compile: on`) beside the eager one, same run; compile time is the warm-up's, not in "
+             "updates/s.", "",
+             f"| device | algo | K={k1} eager | K={k1} compiled | x | K={k1} compiled floor % | compile s "
+             f"| K={kn} eager member-upd/s | K={kn} compiled | x | K={kn} compiled floor % | compile s "
+             f"| K={kn} compiled / {kn} separate K={k1} compiled |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if f"c{k1}" not in r:
+            continue
+        lines.append(
+            f"| {r['device']} | {r['algo']} | {r[k1]:.1f} | {r[f'c{k1}']:.1f} | {r[f'c{k1}'] / r[k1]:.2f} "
+            f"| {100 * r[f'cfloor{k1}']:.0f} | {r[f'compile_s{k1}']:.0f} | {r[kn] * kn:.1f} | {r[f'c{kn}'] * kn:.1f} "
+            f"| {r[f'c{kn}'] / r[kn]:.2f} | {100 * r[f'cfloor{kn}']:.0f} | {r[f'compile_s{kn}']:.0f} "
+            f"| {r[f'c{kn}'] * kn / r[f'c{k1}']:.2f} |")
     return "\n".join(lines)
 
 

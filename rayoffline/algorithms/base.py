@@ -132,12 +132,19 @@ class Algorithm(nn.Module):
         raise NotImplementedError
 
     # ----- data parallelism ---------------------------------------------------------------------------
-    def set_data_parallel(self, rank: int, world: int, shared: bool) -> None:
+    def branch_steps(self, step: int, member_steps: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """The smallest (step, member_steps) for which `update` takes the same Python branches as at (step,
+        member_steps): what a compiled step is specialized on (rayoffline/learner/compiled.py). The default
+        decides on `step % step_period` only and reads no member steps."""
+        return step % self.step_period, None
+
+    def set_data_parallel(self, rank: int, world: int, shared: bool, backend: str | None = None) -> None:
         """Called by the learner on every data-parallel worker before training. shared=True (replicate
         mode): noise is the global stream sliced by rank and `batch_mean` averages over all workers, so the
         workers together compute the update of one worker with the global batch; shared=False (split mode):
-        noise streams differ per rank and batch statistics stay local."""
-        self.rng = MemberRNG(self.seeds, self.device, STREAM_NOISE, rank=rank, world=world, shared=shared)
+        noise streams differ per rank and batch statistics stay local. backend: MemberRNG's (None: its default)."""
+        self.rng = MemberRNG(self.seeds, self.device, STREAM_NOISE, rank=rank, world=world, shared=shared,
+                             backend=backend)
         self._reduce_batch_stats = shared and world > 1
 
     def batch_mean(self, x: torch.Tensor, dim: int) -> torch.Tensor:

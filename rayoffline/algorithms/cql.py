@@ -231,6 +231,11 @@ class CQL(Algorithm):
         groups["critic"] = (params(self.critic), cfg.critic_lr)
         return groups
 
+    def branch_steps(self, step: int, member_steps: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """Compiled steps specialize on which members are in the BC warm-up (s <= bc_steps), nothing else."""
+        bc = self.cfg.bc_steps
+        return 0, tuple(1 if s <= bc else bc + 1 for s in member_steps)
+
     def update(self, batch: Batch, step: int) -> Update:
         cfg = self.cfg
         b = self.prepare(batch)

@@ -22,9 +22,10 @@ def _rate(result: dict[str, Any]) -> str:
     ups, k = result.get("updates_per_s"), result.get("members_per_pass", 1)
     if ups is None:
         return "no updates this time"
+    compiled = f" compiled (+{result['compile_s']:.0f} s compiling)" if result.get("compile_s") else ""
     if k > 1:
-        return f"{ups:.3g} passes/s = {ups * k:.3g} member-updates/s (K={k})"
-    return f"{ups:.1f} updates/s"
+        return f"{ups:.3g} passes/s = {ups * k:.3g} member-updates/s (K={k}){compiled}"
+    return f"{ups:.1f} updates/s{compiled}"
 
 
 def member_table(members: list[dict[str, Any]], means: list, stds: list, scores: list,

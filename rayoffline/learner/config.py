@@ -84,6 +84,14 @@ class RunConfig:
     lr_warmup_steps). `rayoffline algos` names each algorithm's groups."""
     lr_warmup_steps: int = 1000
     """Steps of a linear_warmup schedule."""
+    compile: str = "auto"
+    """Run each update as compiled graphs (torch.compile; on CUDA also replayed as a CUDA graph): 'on', 'off',
+    or 'auto' (on for a single-process run with at least 20,000 steps left, off for shorter runs, which would
+    not win back the ~1 minute of compiling, and for data-parallel workers). Compile time is reported apart
+    (result.json compile_s) and not counted in updates/s."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': the algorithms' forward passes under bfloat16 autocast (matmuls in bf16; weights,
+    gradients and Adam state stay fp32). For GPUs with bf16 tensor cores; CPUs without bf16 units run it slower."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -107,6 +115,11 @@ class RunConfig:
         require(self.num_workers == 0 or self.batch_size % self.num_workers == 0, "batch_size",
                 f"the global batch {self.batch_size} must be divisible by num_workers {self.num_workers}")
         require(self.lr_warmup_steps >= 1, "lr_warmup_steps", f"must be >= 1, got {self.lr_warmup_steps}")
+        require(self.compile in ("auto", "on", "off"), "compile", f"'auto', 'on' or 'off', got {self.compile!r}")
+        require(self.compile != "on" or self.num_workers <= 1, "compile",
+                f"compile: on is not supported with {self.num_workers} data-parallel workers (the gradient all-reduce "
+                f"runs between backward and the optimizer step); use compile: off or auto")
+        require(self.precision in ("fp32", "bf16"), "precision", f"'fp32' or 'bf16', got {self.precision!r}")
         check_reward_scale(self.reward_scale)
         check_lr_schedule(self.lr_schedule)
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",

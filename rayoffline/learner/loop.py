@@ -65,10 +65,67 @@ class FlatGroup:
         self.optimizer = _adam(self.chunks, lr)
         self.members = members
         self._partition: tuple[tuple[int, ...], ...] = (tuple(range(members)),)
+        self.lr = torch.full((members,), float(lr), device=self.flat.device)  # (K,) the compiled step's rates
+        self.compiled: dict[str, Any] | None = None  # the compiled step's Adam state, when it owns the state
+
+    # ----- the compiled step's Adam (rayoffline/learner/compiled.py) -----------------------------------
+    def own_state(self) -> None:
+        """Move the Adam state out of the torch optimizer into tensors the compiled step updates in place: per
+        parameter its exp_avg and exp_avg_sq stacked like the parameter, and each member's step count (K,).
+        `state_dict` and `load_state_dict` keep the torch optimizer's format either way."""
+        if self.compiled is not None:
+            return
+        per = len(self.chunks) // self.members
+        state = self.optimizer.state
+        dev = self.flat.device
+        m = [torch.zeros_like(p) for p in self.params]
+        v = [torch.zeros_like(p) for p in self.params]
+        t = torch.zeros(self.members, device=dev)
+        for k in range(self.members):
+            for j, p in enumerate(self.params):
+                st = state.get(self.chunks[k * per + j])
+                if st:
+                    m[j].view(self.members, -1)[k].copy_(st["exp_avg"].reshape(-1))
+                    v[j].view(self.members, -1)[k].copy_(st["exp_avg_sq"].reshape(-1))
+                    t[k] = float(st["step"])
+        self.optimizer.state.clear()
+        group = self.optimizer.param_groups[0]
+        self.compiled = {"exp_avg": m, "exp_avg_sq": v, "step": t, "betas": tuple(group["betas"]),
+                         "eps": float(group["eps"])}
+
+    def release_state(self) -> None:
+        """Give the Adam state back to the torch optimizer (the eager step)."""
+        if self.compiled is not None:
+            saved = self.state_dict()
+            self.compiled = None
+            self.optimizer.load_state_dict(saved)
+
+    def adam_(self, grads: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> None:
+        """One Adam step of every member from `grads` (one per parameter), with member k's rate self.lr[k]:
+        torch's Adam update (no weight decay), written as tensor ops so the compiled step fuses it."""
+        c = self.compiled
+        assert c is not None, "own_state() first"
+        beta1, beta2 = c["betas"]
+        k = self.members
+        with torch.no_grad():
+            t = c["step"]
+            t.add_(1.0)
+            step_size = (self.lr / (1.0 - beta1 ** t))[:, None]                  # (K, 1)
+            inv_bc2 = torch.rsqrt(1.0 - beta2 ** t)[:, None]                     # (K, 1)
+            for p, g, m, v in zip(self.params, grads, c["exp_avg"], c["exp_avg_sq"]):
+                pk, gk, mk, vk = p.view(k, -1), g.reshape(k, -1), m.view(k, -1), v.view(k, -1)
+                mk.lerp_(gk, 1.0 - beta1)
+                vk.mul_(beta2).addcmul_(gk, gk, value=1.0 - beta2)
+                pk.sub_(step_size * mk / (vk.sqrt() * inv_bc2 + c["eps"]))
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Load an optimizer state; one written before the chunks (a single tensor over the whole buffer, one
         step count) is cut into them."""
+        if self.compiled is not None:  # load into the torch optimizer, then hand it to the compiled step again
+            self.compiled = None
+            self.load_state_dict(saved)
+            self.own_state()
+            return
         if len(saved["param_groups"][0]["params"]) == 1 and len(self.chunks) > 1:
             whole = saved["state"].get(0, {})
             state = {i: {"step": whole["step"].clone(),
@@ -102,10 +159,13 @@ class FlatGroup:
             self._partition = partition
         for group, lr in zip(self.optimizer.param_groups, by):
             group["lr"] = lr
+        self.lr.copy_(torch.tensor(lrs, dtype=self.lr.dtype), non_blocking=True)
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state with its chunks in one parameter group in member order, whatever the current
         grouping by learning rate (a checkpoint's layout does not depend on the schedule's position)."""
+        if self.compiled is not None:
+            return self._export()
         groups = self.optimizer.param_groups
         if len(groups) == 1:
             return self.optimizer.state_dict()
@@ -114,6 +174,25 @@ class FlatGroup:
             return self.optimizer.state_dict()
         finally:
             self.optimizer.param_groups = groups
+
+    def _export(self) -> dict[str, Any]:
+        """The compiled step's Adam state in the torch optimizer's one-group format (chunk k * P + p)."""
+        c = self.compiled
+        assert c is not None
+        per = len(self.params)
+        state: dict[int, Any] = {}
+        steps = c["step"].tolist()
+        for k in range(self.members):
+            if steps[k] == 0:
+                continue  # never stepped: the torch optimizer would hold no state either
+            for j, p in enumerate(self.params):
+                shape = self.chunks[k * per + j].shape
+                state[k * per + j] = {
+                    "step": torch.tensor(float(steps[k])),
+                    "exp_avg": c["exp_avg"][j].view(self.members, -1)[k].clone().view(shape),
+                    "exp_avg_sq": c["exp_avg_sq"][j].view(self.members, -1)[k].clone().view(shape)}
+        group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(self.chunks)))}]}
 
     def step(self) -> None:
         self.optimizer.step()
@@ -135,11 +214,17 @@ class Learner:
 
     def __init__(self, algorithm: Algorithm, data: Batch | Any, batch_size: int, mode: str = "replicate",
                  schedules: dict[str, Callable[[int], float]] | None = None,
-                 reward: tuple[float, float] = (1.0, 0.0)) -> None:
+                 reward: tuple[float, float] = (1.0, 0.0), compile: bool = False, precision: str = "fp32") -> None:
         """data: a Batch of this worker's transitions on the device, or a WindowedData (out-of-core: its
         current window is the data, swapped for the next one as the steps use it up).
         schedules: optimizer group -> learning-rate factor of the member's step (`shaping.schedules`); groups
-        not named keep their configured rate. reward: (scale, bias) applied to every sampled reward."""
+        not named keep their configured rate. reward: (scale, bias) applied to every sampled reward.
+        compile: run the step as compiled graphs (`rayoffline/learner/compiled.py`; compiled at the first step);
+        the random streams are then the counter-based ones on every device. precision: 'fp32', or 'bf16' (the
+        algorithm's forward under bf16 autocast: matmuls in bfloat16; weights, gradients, Adam state fp32)."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
         if mode not in ("replicate", "split"):
             raise ValueError(f"mode must be 'replicate' or 'split', got {mode!r}")
         self.algorithm = algorithm
@@ -155,9 +240,10 @@ class Learner:
             raise ValueError(f"batch_size {batch_size} is not divisible by the {self.world} data-parallel workers")
         self.batch_size = batch_size // self.world  # this worker's share of the global batch
         shared = mode == "replicate"
+        backend = "counter" if compile else None
         self.sampler = MemberRNG(algorithm.seeds, algorithm.device, STREAM_SAMPLE, rank=self.rank, world=self.world,
-                                 shared=shared)
-        algorithm.set_data_parallel(self.rank, self.world, shared)
+                                 shared=shared, backend=backend)
+        algorithm.set_data_parallel(self.rank, self.world, shared, backend=backend)
         optim_groups = algorithm.optim_groups()
         self.groups: dict[str, FlatGroup] = {
             name: FlatGroup(list(params), lr, algorithm.K) for name, (params, lr) in optim_groups.items()}
@@ -171,6 +257,18 @@ class Learner:
         self.optimizers = {name: g.optimizer for name, g in self.groups.items()}
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self.compile = compile
+        self.compiled: Any = None  # the CompiledStep, built at the first step (after a checkpoint load)
+        self.compile_fallback = False
+        """compile: auto semantics: a step that fails to compile warns once and continues eagerly (else raises)."""
+
+    def take_compile_seconds(self) -> float:
+        """Seconds the steps since the last call spent compiling (to leave out of updates/s)."""
+        c = self.compiled
+        if c is None or not c.compile_s:
+            return 0.0
+        s, c.compile_s = c.compile_s, 0.0
+        return s
 
     def sample(self) -> Batch:
         idx = self.sampler.randint(self.n, (self.batch_size,))  # (K, B) on the device
@@ -214,12 +312,50 @@ class Learner:
         if step is not None and step != self.member_steps[0]:
             raise ValueError(f"learner is at step {self.member_steps[0]}, asked for step {step}")
         self.algorithm.member_steps = self.member_steps
+        if self.compile and self._compiled_step():
+            return self._after_step()
         batch = self.sample()
-        for group, loss, metrics in self.algorithm.update(batch, self.member_steps[0]):
+        for group, loss, metrics in self.updates(batch, self.member_steps[0]):
             self.apply(group, loss)
             self._accumulate(f"loss/{group}", loss.detach())
             for name, value in metrics.items():
                 self._accumulate(f"train/{name}", value)
+        self._after_step()
+
+    def updates(self, batch: Batch, step: int):
+        """The algorithm's update generator; with precision bf16 each stretch of it between yields (the
+        forward passes and losses, not the learner's backward or optimizer step) runs under bf16 autocast."""
+        gen = self.algorithm.update(batch, step)
+        if self.precision == "fp32":
+            yield from gen
+            return
+        while True:
+            with torch.autocast(self.algorithm.device.type, dtype=torch.bfloat16):
+                item = next(gen, None)
+            if item is None:
+                return
+            yield item
+
+    def _compiled_step(self) -> bool:
+        """Run this step compiled; False when it fell back to the eager step (compile_fallback)."""
+        from .compiled import CompileError, CompiledStep, warn_fallback
+        try:
+            if self.compiled is None:
+                self.compiled = CompiledStep(self)
+            out = self.compiled(self.member_steps)
+        except CompileError as e:
+            if not self.compile_fallback:
+                raise
+            warn_fallback(e)
+            if self.compiled is not None:
+                self.compiled.release()
+            self.compile, self.compiled = False, None
+            return False
+        for key, value in out.items():
+            self._accumulate(key, value)
+        return True
+
+    def _after_step(self) -> None:
         if self.source is not None and self.source.after_step():
             self.data = self.source.data
             self.n = int(self.data.rewards.shape[0])
@@ -227,6 +363,8 @@ class Learner:
     def _accumulate(self, key: str, value: torch.Tensor) -> None:
         # counted per key: a group that does not update every step (TD3+BC's delayed actor) is averaged over
         # the steps it ran
+        if value.dtype != torch.float32:  # bf16 autocast: sum in float32
+            value = value.float()
         if key in self._sums:
             self._sums[key] += value
             self._counts[key] += 1

@@ -77,15 +77,39 @@ def open_dataset(data: str) -> tuple[Path | str, dict[str, Any]]:
 
 
 def make_learner(algorithm, data: Any, cfg: dict[str, Any], meta: dict[str, Any], data_name: str,
-                 mode: str = "replicate") -> Learner:
+                 mode: str = "replicate", compile: bool = False) -> Learner:
     """The learner of a run: its batch size, learning-rate schedules and reward transform (validated against
-    the algorithm's optimizer groups and the dataset's returns, naming the config key)."""
+    the algorithm's optimizer groups and the dataset's returns, naming the config key). compile: the resolved
+    run key `compile` (`compiled.resolve`); with 'auto' a failed compile falls back to the eager step."""
     from .shaping import reward_transform, schedules
     run: RunConfig = cfg["run"]
     groups = list(algorithm.optim_groups())
-    return Learner(algorithm, data, run.batch_size, mode=mode,
-                   schedules=schedules(run, cfg["algo_name"], groups),
-                   reward=reward_transform(run.reward_scale, meta, data_name))
+    learner = Learner(algorithm, data, run.batch_size, mode=mode,
+                      schedules=schedules(run, cfg["algo_name"], groups),
+                      reward=reward_transform(run.reward_scale, meta, data_name), compile=compile,
+                      precision=run.precision)
+    learner.compile_fallback = run.compile == "auto"
+    return learner
+
+
+def compile_choice(run: RunConfig, device: torch.device, steps_left: int, world: int,
+                   state: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """Whether this run's steps are compiled, and why (run key `compile`; a ConfigError for 'on' where it
+    cannot be)."""
+    from ..nn.rng import is_counter_state
+    from .compiled import CompileError, resolve
+    try:
+        use, why = resolve(run.compile, device, steps_left, world)
+    except CompileError as e:
+        raise ConfigError(f"config key 'compile': {e}") from None
+    streams = (state or {}).get("learner", {}).get("sampler_rng") or []
+    if use and streams and not is_counter_state(streams):  # torch.Generator states from an eager CPU run
+        if run.compile == "on":
+            raise ConfigError("config key 'compile': on, but the checkpoint's random streams are torch.Generator "
+                              "states (written by the eager step on a CPU), which a compiled step cannot continue "
+                              "exactly; resume with compile: off")
+        return False, "compile: auto -> off (the checkpoint's random streams are torch.Generator states)"
+    return use, why
 
 
 def _device(name: str) -> torch.device:
@@ -166,14 +190,16 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
     else:
         data = data_mod.load(data_dir, rank=rank, world_size=world, device=device)
         say_later = None
-    learner = make_learner(algorithm, data, cfg, meta, spec.data, mode=spec.data_mode)
-    configured = learner.reward
     start = 0
     checkpoint = ctx.checkpoint or spec.checkpoint
-    if checkpoint is not None:
-        state = ckpt.load(checkpoint)
-        learner.load_state_dict(state["learner"], where=checkpoint, step=int(state["step"]))
+    state = ckpt.load(checkpoint) if checkpoint is not None else None
+    if state is not None:
         start = int(state["step"])
+    use_compile, compile_why = compile_choice(run, device, run.steps - start, ctx.world, state)
+    learner = make_learner(algorithm, data, cfg, meta, spec.data, mode=spec.data_mode, compile=use_compile)
+    configured = learner.reward
+    if state is not None:
+        learner.load_state_dict(state["learner"], where=checkpoint, step=start)
     say = printer(run.progress if lead and spec.in_process else "off")
     if spec.resume:
         last = spec.data_changes[-1] if spec.data_changed_now else None
@@ -187,6 +213,9 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
 
     if say_later:
         say(say_later)
+    if run.compile != "off" and start < run.steps:
+        say(compile_why + (": the first step compiles the update (about a minute; cached on disk for the next run "
+                           "of these shapes)" if use_compile else ""))
     if learner.reward != (1.0, 0.0):
         scale, bias = learner.reward
         say(f"rewards r -> {scale:.6g} * r" + (f" {'+' if bias >= 0 else '-'} {abs(bias):g}" if bias else "")
@@ -241,10 +270,15 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     train_time, train_steps = 0.0, 0
     t0, s0 = time.perf_counter(), start
     first_update_s = None
+    compile_s = 0.0
     for step in range(start + 1, run.steps + 1):
         logged: dict[str, Any] = {}
         written: Path | None = None
         learner.step(step)
+        compiling = learner.take_compile_seconds()
+        if compiling:  # a step that compiled a graph: its time is compile time, not training time
+            compile_s += compiling
+            t0 += compiling
         logger.advance()
         if first_update_s is None and spec_submitted:
             first_update_s = time.time() - spec_submitted
@@ -256,6 +290,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
             rate = (step - s0) / max(now - t0, 1e-9)
             metrics["perf/updates_per_s"] = rate
             metrics["perf/member_updates_per_s"] = rate * k
+            if compile_s:
+                metrics["perf/compile_s"] = compile_s
             logger.log(step, metrics)
             logged.update(metrics)
             last_metrics = {"step": step, **metrics}
@@ -294,6 +330,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     result = make_result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
                      time.perf_counter() - t_start)
     result["num_workers"] = ctx.world
+    result["compiled"] = bool(learner.compile)
+    result["compile_s"] = compile_s  # first-step compile time, left out of updates_per_s
     result["reward_transform"] = {"scale": learner.reward[0], "bias": learner.reward[1]}
     result["time_to_first_update_s"] = first_update_s  # from the train() call (start-up: Ray, data, networks)
     result["first_update_at"] = spec_submitted + first_update_s if first_update_s is not None else None

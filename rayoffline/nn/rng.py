@@ -14,7 +14,7 @@ a captured graph could not replay), and i the element's index in the draw. From 
     randint  (w_a << 30 | w_b >> 2) mod n: 62 bits, so the bias for n rows is below n * 2^-62
 
 So member k's numbers depend only on its seed (a K-member pass reproduces each member's K=1 run), a state is
-K integers (exact resume; members of a sweep pack slice and concatenate them), and a draw costs the same ~20
+a (draw count, key) pair per member (exact resume; members of a sweep pack slice and concatenate them), and a draw costs the same ~20
 elementwise kernels for K = 1 or K = 1000, where a generator per member cost K launches and a stack.
 
 Data-parallel workers: shared (replicate mode) draws the global stream and computes only this rank's rows (the
@@ -77,13 +77,19 @@ class MemberRNG:
         self.seeds, self.stream = [int(s) for s in seeds], stream
         self.rank, self.world, self.shared = rank, world, shared
         self._mixed = stream if shared or rank == 0 else stream + (rank << 8)
-        keys = [mix_seed(s, self._mixed) for s in self.seeds]
-        self.k0 = torch.tensor([k & _M32 for k in keys], dtype=torch.int64, device=self.device)[:, None]
-        self.k1 = torch.tensor([(k >> 32) & _M32 for k in keys], dtype=torch.int64, device=self.device)[:, None]
-        self.counter = torch.zeros(len(keys), dtype=torch.int64, device=self.device)   # draws made, per member
+        self.k0 = torch.zeros(len(self.seeds), 1, dtype=torch.int64, device=self.device)
+        self.k1 = torch.zeros(len(self.seeds), 1, dtype=torch.int64, device=self.device)
+        self._set_keys([mix_seed(s, self._mixed) for s in self.seeds])
+        self.counter = torch.zeros(len(self.seeds), dtype=torch.int64, device=self.device)  # draws made, per member
         self._gens: _GeneratorStreams | None = None  # the generator backend, when in use
         if backend == "generator" or backend == "auto" and self.device.type != "cuda":
             self._gens = _GeneratorStreams(self)
+
+    def _set_keys(self, keys: Sequence[int]) -> None:
+        """Each member's 64-bit stream key (in place: a captured graph keeps reading the same tensors)."""
+        self.keys = [int(k) for k in keys]
+        self.k0.copy_(torch.tensor([[k & _M32] for k in self.keys], dtype=torch.int64))
+        self.k1.copy_(torch.tensor([[(k >> 32) & _M32] for k in self.keys], dtype=torch.int64))
 
     @property
     def backend(self) -> str:
@@ -132,16 +138,20 @@ class MemberRNG:
 
     # ----- state --------------------------------------------------------------------------------------
     def get_state(self) -> list[Any]:
-        """One entry per member: its draw count (an int), or a legacy generator state."""
+        """One entry per member: [draw count, stream key] (counter backend: the state says which stream it is,
+        so it continues in a learner built with other seeds, as a generator's state does), or a generator's
+        state."""
         if self._gens is not None:
             return self._gens.get_state()
-        return [int(c) for c in self.counter.tolist()]
+        return [[int(c), k] for c, k in zip(self.counter.tolist(), self.keys)]
 
     def set_state(self, states: Sequence[Any]) -> None:
+        """Continue from get_state()'s result; also plain draw counts (the streams keep this learner's keys)."""
         if len(states) != self.members:
             raise ValueError(f"RNG state for {len(states)} members, this run has {self.members}")
-        if all(isinstance(s, int) and not isinstance(s, bool) for s in states):
-            self.counter.copy_(torch.tensor(list(states), dtype=torch.int64))
+        if all(_is_int(s) or isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_int, s)) for s in states):
+            self.counter.copy_(torch.tensor([s if _is_int(s) else s[0] for s in states], dtype=torch.int64))
+            self._set_keys([k if _is_int(s) else s[1] for s, k in zip(states, self.keys)])
             self._gens = None
             return
         if all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in states):  # generators' states
@@ -154,6 +164,15 @@ class MemberRNG:
             self._gens = gens
             return
         raise ValueError("unrecognized RNG state: expected one draw count or one generator state per member")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_counter_state(states: Sequence[Any]) -> bool:
+    """Whether `states` (a MemberRNG state) is the counter backend's (draw counts), not generators'."""
+    return all(_is_int(s) or isinstance(s, (list, tuple)) for s in states)
 
 
 class _GeneratorStreams:

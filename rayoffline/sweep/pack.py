@@ -97,6 +97,13 @@ class Pack:
         self.thread = threading.Thread(target=self._run, name=f"pack-{name}", daemon=True)
         self.thread.start()
 
+    def _compiles(self, cfg: dict[str, Any]) -> bool:
+        """Run key `compile` for this pack's learners, decided on the trials' configured steps (members share
+        them, as every run key), so a member's random streams are of one kind from its first step on."""
+        from ..learner.compiled import resolve
+        run = cfg["run"]
+        return resolve(run.compile, self.device, run.steps, 1)[0]
+
     # ----- called by trials ---------------------------------------------------------------------------
     def join(self, trial: str, config: dict[str, Any], run_dir: str, state: bytes | None = None) -> int:
         """Add a trial's members (config: its run config mapping, `members:` giving its seeds; or build_config's
@@ -106,7 +113,8 @@ class Pack:
         cfg = config if "algo_name" in config else build_config(self.algo, config)
         # the trial's members as a learner of their own: a fresh one's initial state is exactly a solo run's,
         # and a checkpoint that does not fit fails this trial here, not the pack
-        own = make_learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg, self.meta, self.data_arg)
+        own = make_learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg, self.meta, self.data_arg,
+                           compile=self._compiles(cfg))
         start = 0
         if state is not None:
             payload = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
@@ -289,7 +297,7 @@ class Pack:
         if self.members:
             cfg = _pack_cfg([m.cfg for m in self.members])
             learner = make_learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg, self.meta,
-                                   self.data_arg)
+                                   self.data_arg, compile=self._compiles(cfg))
             period = learner.algorithm.step_period
             phases = {m.step % period for m in self.members}
             if len(phases) > 1:

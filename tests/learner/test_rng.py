@@ -66,17 +66,22 @@ def test_replicate_ranks_compute_slices_of_the_global_draw_and_split_ranks_diffe
     assert not torch.equal(_counter([0, 4], rank=1, world=2, shared=False).randint(100, (8,)), solo)
 
 
-def test_state_is_one_count_per_member_and_resumes_exactly():
+def test_state_is_a_count_and_key_per_member_and_resumes_exactly():
     a = _counter([1, 2])
     a.randn((5,))
     a.rand((2,))
     state = a.get_state()
-    assert state == [2, 2]
-    b, c = _counter([1, 2]), _counter([2])
+    assert [s[0] for s in state] == [2, 2] and state[0][1] != state[1][1]
+    b, c, d = _counter([1, 2]), _counter([2]), _counter([7, 8])
     b.set_state(state)
-    c.set_state(state[1:])  # a member's count moves with it (a sweep pack's select/concat)
+    c.set_state(state[1:])  # a member's state moves with it (a sweep pack's select/concat)
+    d.set_state(state)  # other seeds: the state says which streams these are
     want = a.randn((6,))
     assert torch.equal(b.randn((6,)), want) and torch.equal(c.randn((6,)), want[1:])
+    assert torch.equal(d.randn((6,)), want)
+    e = _counter([1, 2])
+    e.set_state([2, 2])  # plain counts (checkpoints before the keys were stored): this learner's own streams
+    assert torch.equal(e.randn((6,)), want)
 
 
 def test_generator_states_continue_on_generators():
@@ -125,7 +130,7 @@ def test_pack_join_and_resume_on_hashed_streams(hashed):
         b.step()
     pack = learner([3, 11])
     pack.load_state_dict(pack_state.concat([copy.deepcopy(a.state_dict()), copy.deepcopy(b.state_dict())]))
-    assert pack.state_dict()["sampler_rng"] == [2, 5]
+    assert [s[0] for s in pack.state_dict()["sampler_rng"]] == [2, 5]
     for _ in range(3):
         pack.step()
         a.step()
