@@ -20,10 +20,13 @@ that take the same branches, so a run compiles each branch once (two graphs for 
 CQL pack whose members cross the warm-up at different steps).
 
 Not compiled (the eager step runs instead): data-parallel workers (the gradient all-reduce sits between
-backward and the optimizer step); see `resolve` for what `auto` chooses.
+backward and the optimizer step); see `resolve` for what `auto` chooses. Compiled but not CUDA-graphed:
+out-of-core runs (each data window is new tensors, which a captured graph cannot read in place). Set
+RAYOFFLINE_CUDA_GRAPHS=0 to compile without CUDA graphs (for comparison).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -72,8 +75,9 @@ class CompiledStep:
     def __init__(self, learner: Any, cuda_graphs: bool | None = None) -> None:
         self.learner = learner
         device = learner.algorithm.device
-        if cuda_graphs is None:
-            cuda_graphs = device.type == "cuda" and os.environ.get("RAYOFFLINE_CUDA_GRAPHS", "1") != "0"
+        if cuda_graphs is None:  # not over out-of-core windows: each window's tensors would be a new graph
+            cuda_graphs = device.type == "cuda" and learner.source is None \
+                and os.environ.get("RAYOFFLINE_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = cuda_graphs
         for name, rng in (("sampler", learner.sampler), ("noise", learner.algorithm.rng)):
             if rng.backend != "counter":
@@ -91,6 +95,8 @@ class CompiledStep:
                 mark(g.lr)
                 for t in (*g.compiled["exp_avg"], *g.compiled["exp_avg_sq"], g.compiled["step"]):
                     mark(t)
+            for f in dataclasses.fields(learner.data):  # the dataset: read in place, never copied per replay
+                mark(getattr(learner.data, f.name))
         # a code object of its own: Dynamo caches graphs per code object, so every learner (a sweep pack
         # rebuilds its learner whenever members join or leave) would otherwise add entries to one shared cache
         # until its recompile limit; this way a learner's graphs go with it
@@ -127,6 +133,8 @@ class CompiledStep:
         with torch._dynamo.config.patch(trace_autograd_ops=True,
                                         recompile_limit=max(64, torch._dynamo.config.recompile_limit)):
             try:
+                if self.cuda_graphs:  # a new iteration: the previous replay's outputs were consumed (cloned)
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = self._fn(key[0], list(key[1]) if key[1] is not None else None)
             except Exception as e:  # noqa: BLE001 - every compiler failure becomes one clear error
                 if not new:

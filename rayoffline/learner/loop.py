@@ -120,11 +120,19 @@ class FlatGroup:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """Load an optimizer state; one written before the chunks (a single tensor over the whole buffer, one
-        step count) is cut into them."""
+        step count) is cut into them. The state's tensors are copied (torch's optimizer would keep them, and
+        training would then change the caller's state dict in place)."""
+        saved = {"state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                           for i, st in saved["state"].items()}, "param_groups": saved["param_groups"]}
         if self.compiled is not None:  # load into the torch optimizer, then hand it to the compiled step again
-            self.compiled = None
+            kept, self.compiled = self.compiled, None
             self.load_state_dict(saved)
             self.own_state()
+            for key in ("exp_avg", "exp_avg_sq"):  # into the tensors a captured graph reads (same addresses)
+                for old_t, new_t in zip(kept[key], self.compiled[key]):
+                    old_t.copy_(new_t)
+            kept["step"].copy_(self.compiled["step"])
+            self.compiled = kept
             return
         if len(saved["param_groups"][0]["params"]) == 1 and len(self.chunks) > 1:
             whole = saved["state"].get(0, {})
@@ -415,6 +423,7 @@ class Learner:
                 raise ValueError(f"the checkpoint counts steps for {len(steps or [])} members, this run has "
                                  f"{self.algorithm.K}")
             self.member_steps = [int(s) for s in steps]
+            self._sums, self._counts = {}, {}  # metrics not yet fetched belong to the trajectory being replaced
             # per-member coefficients come from this run's configs, not the checkpoint: they are equal on a
             # resume, and differ where they should win (PBT continues a donor's weights with mutated values)
             coefs = {n: b.clone() for n, b in self.algorithm.named_buffers() if n.startswith("coef_")}

@@ -125,11 +125,16 @@ def test_compiled_members_equal_their_single_runs_and_resume_exactly(backend):
     _run(first, 50)
     state = first.state_dict()
     assert all(isinstance(c[0], int) for c in state["sampler_rng"])  # counter-based streams
-    for compile in (True, False):
+    for compile in (False, True):
         again = _learner("iql", compile, seeds=(5, 6))  # other seeds: everything must come from the state
         again.load_state_dict(state)
         _close_metrics(_run(again, 25, start=50), ref[-1:])
         _close_state(pair, again)
+    # loaded into a learner whose step is already compiled (its Adam state is the graph's, updated in place);
+    # the state loaded before was not changed by the training that followed
+    again.load_state_dict(state)
+    _close_metrics(_run(again, 25, start=50), ref[-1:])
+    assert len(again.compiled._seen) == 1
 
 
 def test_resolve_auto_on_off():
@@ -200,9 +205,9 @@ def test_a_compiled_run_reports_compile_time_apart_and_resumes_eagerly(tmp_path,
     common = {"eval_episodes": 0, "progress": "off", "log_every": 10, "algo.hidden": [32, 32], "batch_size": 32}
     result = rayoffline.train("bc", "builtin:pendulum-medium", out=out, steps=30,
                               overrides={**common, "compile": "on"})
-    assert result["compiled"] is True and result["compile_s"] > 1.0
-    # updates/s counts training time only: far more than 30 steps over the compile time
-    assert result["updates_per_s"] > 30 / result["compile_s"] * 3
+    assert result["compiled"] is True and result["compile_s"] > 0  # (seconds cold, under one with a warm cache)
+    # updates/s counts training time only: the steps' time at that rate and the compile time fit in the run
+    assert 30 / result["updates_per_s"] + result["compile_s"] <= result["wall_s"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["perf/compile_s"] == pytest.approx(result["compile_s"])
     # a compiled run's checkpoint continues in the eager step (its counter-based streams work there too)
