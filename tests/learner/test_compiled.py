@@ -138,13 +138,15 @@ def test_compiled_members_equal_their_single_runs_and_resume_exactly(backend):
 
 
 def test_resolve_auto_on_off():
-    cpu = torch.device("cpu")
-    assert resolve("off", cpu, 10**6, 1)[0] is False
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve("off", gpu, 10**6, 1)[0] is False
     assert resolve("on", cpu, 10, 1)[0] is True
-    use, why = resolve("auto", cpu, 500, 1)
+    use, why = resolve("auto", gpu, 500, 1)
     assert not use and "short run" in why and "compile: on" in why
-    assert resolve("auto", cpu, 10**6, 1)[0] is True
-    assert resolve("auto", cpu, 10**6, 2) == (False, "compile: auto -> off (2 data-parallel workers run the eager step)")
+    assert resolve("auto", gpu, 10**6, 1)[0] is True
+    use, why = resolve("auto", cpu, 10**6, 1)
+    assert not use and "off on CPUs" in why and "compile: on" in why
+    assert resolve("auto", gpu, 10**6, 2) == (False, "compile: auto -> off (2 data-parallel workers run the eager step)")
     with pytest.raises(CompileError, match="compile: on is not supported with 2 data-parallel workers.*compile: off"):
         resolve("on", cpu, 10**6, 2)
 
