@@ -11,7 +11,10 @@ same run). `floor %` = achieved matmul FLOP/s / GEMM rate: 100% means the update
 matmuls at full speed. d3rlpy's rates come from ../shared/bench/peer_speed.sh, run in the same invocation
 (--peer), and the ratio columns divide ours by theirs.
 
-    python benchmarks/throughput.py [--peer] [--repeats 5] [--readme]
+    python benchmarks/throughput.py [--peer] [--compile] [--repeats 5] [--readme]
+
+--compile also times the compiled step (`compile: on`, rayoffline/learner/compiled.py) in the same run, its
+compile time apart (the warm-up's), and writes a second table.
 """
 from __future__ import annotations
 
@@ -172,15 +175,16 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     table = render(rows, ks, peer)
-    if args.compile:
-        table += "\n\n" + render_compiled(rows, ks)
-    print(table)
+    compiled = render_compiled(rows, ks) if args.compile else ""
+    print(table + ("\n\n" + compiled if compiled else ""))
     if args.json:
         import json
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1, default=str))
     if args.readme:
         from benchmarks._readme import write_block
         write_block("throughput", table)
+        if compiled:
+            write_block("throughput-compiled", compiled)
 
 
 def render(rows, ks, peer) -> str:
