@@ -61,9 +61,8 @@ def _instrument(learner) -> None:
     del apply
 
 
-def profile_eager(name: str, k: int, device: torch.device, steps: int) -> dict[str, float]:
-    learner = make_learner(name, k, device)
-    _instrument(learner)
+def _profiled(learner, device: torch.device, steps: int):
+    """The profiler's events of `steps` steps after 10 of warm-up, inside one 'phase:step' range."""
     for s in range(1, 11):
         learner.step(s)
     sync(device)
@@ -73,7 +72,13 @@ def profile_eager(name: str, k: int, device: torch.device, steps: int) -> dict[s
             for s in range(11, 11 + steps):
                 learner.step(s)
             sync(device)
-    events = prof.events()
+    return prof.events()
+
+
+def profile_eager(name: str, k: int, device: torch.device, steps: int) -> dict[str, float]:
+    learner = make_learner(name, k, device)
+    _instrument(learner)
+    events = _profiled(learner, device, steps)
     wall = defaultdict(float)
     ranges = {}
     for e in events:
@@ -101,17 +106,8 @@ def profile_compiled(name: str, k: int, device: torch.device, steps: int) -> dic
     import torch._inductor.config as ic
     ic.cpp.enable_kernel_profile = True  # Inductor's C++ kernels appear as profiler events
     learner = make_learner(name, k, device, compile=True)
-    for s in range(1, 11):
-        learner.step(s)
-    sync(device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        with record_function("phase:step"):
-            for s in range(11, 11 + steps):
-                learner.step(s)
-            sync(device)
     mm = gen = step = 0.0
-    for e in prof.events():
+    for e in _profiled(learner, device, steps):
         if e.name == "phase:step":
             step += e.cpu_time_total
         elif e.name in ("aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm"):
