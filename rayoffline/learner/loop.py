@@ -358,6 +358,7 @@ class Learner:
             if self.compiled is not None:
                 self.compiled.release()
             self.compile, self.compiled = False, None
+            self.algorithm.member_steps = self.member_steps
             return False
         for key, value in out.items():
             self._accumulate(key, value)

@@ -252,3 +252,19 @@ def test_an_uncompilable_op_is_named_with_its_line(backend):
     with pytest.raises(CompileError, match=r"could not compile .*test_compiled.py:\d+ in update: `if loss.sum\(\)"
                                            r".item\(\).*compile: off"):
         learner.step(1)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"], indirect=True)
+def test_bf16_compiled_equals_bf16_eager(backend):
+    """Autocast around the update generator's stretches is traced into the graph as it runs eagerly."""
+    runs = []
+    for compile in (False, True):
+        cls = algorithms.get("iql")
+        alg = cls(spec_for(cls), [cls.Config(hidden=(32, 32))] * 2, [0, 1], device=DEVICE)
+        learner = Learner(alg, random_data(alg.spec, n=1024, seed=7).to(DEVICE), batch_size=32, compile=compile,
+                          precision="bf16")
+        if not compile:
+            learner.sampler.set_state([0, 0])
+            alg.rng.set_state([0, 0])
+        runs.append(_run(learner, 25))
+    _close_metrics(runs[1], runs[0])
