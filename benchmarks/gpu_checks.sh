@@ -8,8 +8,9 @@
 #   run(command="bash benchmarks/gpu_checks.sh 1", carry=["benchmarks/_work/gpu"], timeout_s=590)
 #
 # Part 1 (issue 10; ~8 minutes; figures and logs under $OUT, default ./gpu-out):
-#   a. compiled == eager on CUDA (CUDA-graph replay), tests/learner/test_compiled.py with RAYOFFLINE_TEST_DEVICE
-#   b. updates/s eager vs compiled, K=1 and K=64, IQL and CQL (targets: CQL >= 2,000 and IQL >= 5,000 updates/s
+#   a. compiled == eager on CUDA (CUDA-graph replay; IQL, CQL, TD3+BC and the member/resume test, all through
+#      Inductor), tests/learner/test_compiled.py with RAYOFFLINE_TEST_DEVICE=cuda
+#   b. updates/s eager vs compiled: CQL at K=1 and K=64, IQL at K=1 (targets: CQL >= 2,000 and IQL >= 5,000 updates/s
 #      at K=1; CQL K=64 >= 10,000 member-updates/s), benchmarks/throughput.py --compile
 #   c. where the time goes, K=1 and K=16, benchmarks/profile_step.py --compile
 #   d. bf16 autocast vs fp32: updates/s and the return on pendulum-medium (precision: bf16)
@@ -37,15 +38,20 @@ if [ "$PART" = 1 ]; then
   export PYTHONPATH="$PWD:/tmp/extra"
   $PY -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0))" \
     | tee "$OUT/torch.txt"
-  RAYOFFLINE_TEST_DEVICE=cuda RAYOFFLINE_TEST_COMPILE_BACKEND=inductor timeout 200 $PY -m pytest -q -p no:cacheprovider tests/learner/test_compiled.py \
-    -k "(iql or cql or td3_bc or members or bf16 or uncompilable) and not run_reports and not bad_settings" \
-    2>&1 | tail -8 | tee "$OUT/compiled_tests.txt"
-  timeout 170 $PY benchmarks/throughput.py --compile --algos iql,cql --ks 1,64 --repeats 3 \
-    --json "$OUT/throughput_compiled.json" 2>&1 | tail -14 | tee "$OUT/throughput_compiled.txt"
-  timeout 80 $PY benchmarks/profile_step.py --algos iql --ks 1,16 --compile 2>&1 | tail -8 | tee "$OUT/profile.txt"
+  T=tests/learner/test_compiled.py
+  RAYOFFLINE_TEST_DEVICE=cuda RAYOFFLINE_TEST_COMPILE_BACKEND=inductor timeout 230 $PY -m pytest -q -p no:cacheprovider \
+    "$T::test_compiled_step_equals_eager_over_100_steps[iql-inductor]" \
+    "$T::test_compiled_step_equals_eager_over_100_steps[cql-aot_eager]" \
+    "$T::test_compiled_step_equals_eager_over_100_steps[td3_bc-aot_eager]" \
+    "$T::test_compiled_members_equal_their_single_runs_and_resume_exactly" 2>&1 | tail -8 | tee "$OUT/compiled_tests.txt"
+  timeout 150 $PY benchmarks/throughput.py --devices cuda --compile --algos cql --ks 1,64 --repeats 3 \
+    --json "$OUT/throughput_cql.json" 2>&1 | tail -14 | tee "$OUT/throughput_cql.txt"
+  timeout 60 $PY benchmarks/throughput.py --devices cuda --compile --algos iql --ks 1 --repeats 3 \
+    --json "$OUT/throughput_iql.json" 2>&1 | tail -8 | tee "$OUT/throughput_iql.txt"
+  timeout 60 $PY benchmarks/profile_step.py --algos iql --ks 1,16 --compile 2>&1 | tail -8 | tee "$OUT/profile.txt"
   for prec in fp32 bf16; do
     for seed in 0; do
-      timeout 40 $PY -c "
+      timeout 30 $PY -c "
 import rayoffline
 r = rayoffline.train('iql', '$WORK/pendulum-medium', '/tmp/prec-$prec-$seed', steps=5000, seed=$seed, overrides={
     'precision': '$prec', 'compile': 'off', 'progress': 'off', 'eval_episodes': 10, 'device': 'cuda'})

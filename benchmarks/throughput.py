@@ -148,9 +148,10 @@ def main() -> None:
     ap.add_argument("--readme", action="store_true", help="write the table into README.md")
     ap.add_argument("--compile", action="store_true", help="also time the compiled step (compile: on)")
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--devices", default="cpu,cuda", help="of these, the ones present (cuda: when available)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     names = args.algos.split(",")
     ks = [int(k) for k in args.ks.split(",")]
     peer = peer_rates(300) if args.peer else {}
