@@ -39,8 +39,8 @@ import torch
 AUTO_MIN_STEPS = 20_000
 """`compile: auto` compiles GPU runs with at least this many steps left: compiling an update takes 20-150 s
 (cached on disk for the next run of the same shapes), which a shorter run would not win back. On CPUs `auto`
-stays eager: on the 2-core Xeon the compiled step ran 0.86-1.36x the eager one at K=1 (TD3+BC slower, IQL and
-BC a third faster) and 1.0-1.4x at K=16 (README, benchmarks/throughput.py --compile), not enough to pay for
+stays eager: on the 2-core Xeon the compiled step ran 0.86-1.45x the eager one at K=1 (TD3+BC slower, IQL and
+BC a third faster) and 0.94-1.39x at K=16 (README, benchmarks/throughput.py --compile), not enough to pay for
 compiling without asking."""
 
 
@@ -66,8 +66,8 @@ def resolve(setting: str, device: torch.device, steps_left: int, world: int) -> 
     if setting == "on":
         return True, "compile: on"
     if device.type != "cuda":
-        return False, ("compile: auto -> off on CPUs (measured 0.9-1.4x the eager step per algorithm, for 20-150 s of "
-                       "compiling; set compile: on to compile anyway)")
+        return False, ("compile: auto -> off on CPUs (measured 0.86-1.45x the eager step per algorithm, for 20-150 s "
+                       "of compiling; set compile: on to compile anyway)")
     if steps_left < AUTO_MIN_STEPS:
         return False, (f"compile: auto -> off for this short run ({steps_left} steps < {AUTO_MIN_STEPS}; compiling "
                        f"takes about a minute; set compile: on to compile anyway)")

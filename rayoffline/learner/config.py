@@ -87,7 +87,7 @@ class RunConfig:
     compile: str = "auto"
     """Run each update as compiled graphs (torch.compile; on CUDA also replayed as a CUDA graph): 'on', 'off',
     or 'auto' (on for a single-process GPU run with at least 20,000 steps left; off on CPUs, where it measured
-    0.9-1.4x the eager step, for shorter runs, which would not win back 20-150 s of compiling, and for
+    0.86-1.45x the eager step, for shorter runs, which would not win back 20-150 s of compiling, and for
     data-parallel workers). Compile time is reported apart (result.json compile_s), not in updates/s."""
     precision: str = "fp32"
     """'fp32', or 'bf16': the algorithms' forward passes under bfloat16 autocast (matmuls in bf16; weights,

@@ -14,8 +14,9 @@ a captured graph could not replay), and i the element's index in the draw. From 
     randint  (w_a << 30 | w_b >> 2) mod n: 62 bits, so the bias for n rows is below n * 2^-62
 
 So member k's numbers depend only on its seed (a K-member pass reproduces each member's K=1 run), a state is
-a (draw count, key) pair per member (exact resume; members of a sweep pack slice and concatenate them), and a draw costs the same ~20
-elementwise kernels for K = 1 or K = 1000, where a generator per member cost K launches and a stack.
+a (draw count, key) pair per member (exact resume; members of a sweep pack slice and concatenate them), and a
+draw costs the same ~20 elementwise kernels for K = 1 or K = 1000, where a generator per member cost K launches
+and a stack.
 
 Data-parallel workers: shared (replicate mode) draws the global stream and computes only this rank's rows (the
 element indices of rows [rank * b, (rank + 1) * b) of the (world * b, ...) draw); not shared (split mode) mixes

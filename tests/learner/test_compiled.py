@@ -146,7 +146,8 @@ def test_resolve_auto_on_off():
     assert resolve("auto", gpu, 10**6, 1)[0] is True
     use, why = resolve("auto", cpu, 10**6, 1)
     assert not use and "off on CPUs" in why and "compile: on" in why
-    assert resolve("auto", gpu, 10**6, 2) == (False, "compile: auto -> off (2 data-parallel workers run the eager step)")
+    assert resolve("auto", gpu, 10**6, 2) == (False,
+                                              "compile: auto -> off (2 data-parallel workers run the eager step)")
     with pytest.raises(CompileError, match="compile: on is not supported with 2 data-parallel workers.*compile: off"):
         resolve("on", cpu, 10**6, 2)
 
