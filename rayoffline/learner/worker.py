@@ -213,7 +213,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
 
     if say_later:
         say(say_later)
-    if run.compile != "off" and start < run.steps:
+    if (use_compile or run.compile != "off" and device.type == "cuda") and start < run.steps:  # CPUs: eager, quietly
         say(compile_why + (": the first step compiles the update (about a minute; cached on disk for the next run "
                            "of these shapes)" if use_compile else ""))
     if learner.reward != (1.0, 0.0):
