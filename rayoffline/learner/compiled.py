@@ -37,12 +37,10 @@ from typing import Any
 import torch
 
 AUTO_MIN_STEPS = 20_000
-"""`compile: auto` compiles GPU runs with at least this many steps left: compiling an update takes 20-150 s
-(cached on disk for the next run of the same shapes), which a shorter run would not win back. On CPUs `auto`
-stays eager: on the 2-core Xeon the compiled step ran 0.86-1.45x the eager one at K=1 (TD3+BC slower, IQL and
-BC a third faster) and 0.94-1.39x at K=16 (README, benchmarks/throughput.py --compile), not enough to pay for
-compiling without asking."""
-
+"""`compile: auto` compiles runs with at least this many steps left: compiling an update takes 20-150 s (cached
+on disk for the next run of the same shapes), which a shorter run would not win back. On CPUs only K=1 runs: on
+the 2-core Xeon the compiled step ran 1.03-1.51x the eager one at K=1 but 0.94-1.34x at K=16, slower for three
+algorithms (README, benchmarks/throughput.py --compile)."""
 
 BACKEND = os.environ.get("RAYOFFLINE_COMPILE_BACKEND", "inductor")
 """torch.compile's backend. 'inductor' (generated kernels) is the point; the tests also use 'aot_eager' (the same
@@ -54,8 +52,9 @@ class CompileError(RuntimeError):
     """`compile: on` and the step cannot be compiled on this machine."""
 
 
-def resolve(setting: str, device: torch.device, steps_left: int, world: int) -> tuple[bool, str]:
-    """(compile?, why) for run key `compile` = setting ('auto', 'on', 'off')."""
+def resolve(setting: str, device: torch.device, steps_left: int, world: int, members: int = 1) -> tuple[bool, str]:
+    """(compile?, why) for run key `compile` = setting ('auto', 'on', 'off'), for a run of `members` members per
+    pass (a sweep pack passes 2: several)."""
     if setting == "off":
         return False, "compile: off"
     if world > 1:
@@ -65,9 +64,9 @@ def resolve(setting: str, device: torch.device, steps_left: int, world: int) -> 
         return False, f"compile: auto -> off ({world} data-parallel workers run the eager step)"
     if setting == "on":
         return True, "compile: on"
-    if device.type != "cuda":
-        return False, ("compile: auto -> off on CPUs (measured 0.86-1.45x the eager step per algorithm, for 20-150 s "
-                       "of compiling; set compile: on to compile anyway)")
+    if device.type != "cuda" and members > 1:
+        return False, ("compile: auto -> off for K > 1 on CPUs (measured 0.94-1.34x the eager step per algorithm "
+                       "at K=16; set compile: on to compile anyway)")
     if steps_left < AUTO_MIN_STEPS:
         return False, (f"compile: auto -> off for this short run ({steps_left} steps < {AUTO_MIN_STEPS}; compiling "
                        f"takes about a minute; set compile: on to compile anyway)")

@@ -86,9 +86,10 @@ class RunConfig:
     """Steps of a linear_warmup schedule."""
     compile: str = "auto"
     """Run each update as compiled graphs (torch.compile; on CUDA also replayed as a CUDA graph): 'on', 'off',
-    or 'auto' (on for a single-process GPU run with at least 20,000 steps left; off on CPUs, where it measured
-    0.86-1.45x the eager step, for shorter runs, which would not win back 20-150 s of compiling, and for
-    data-parallel workers). Compile time is reported apart (result.json compile_s), not in updates/s."""
+    or 'auto' (on for a single-process run with at least 20,000 steps left, on CPUs only at K=1, where it
+    measured 1.03-1.51x the eager step, against 0.94-1.34x at K=16; off for shorter runs, which would not win
+    back 20-150 s of compiling, and for data-parallel workers). Compile time is reported apart (result.json
+    compile_s), not in updates/s."""
     precision: str = "fp32"
     """'fp32', or 'bf16': the algorithms' forward passes under bfloat16 autocast (matmuls in bf16; weights,
     gradients and Adam state stay fp32). For GPUs with bf16 tensor cores; CPUs without bf16 units run it slower."""

@@ -92,14 +92,14 @@ def make_learner(algorithm, data: Any, cfg: dict[str, Any], meta: dict[str, Any]
     return learner
 
 
-def compile_choice(run: RunConfig, device: torch.device, steps_left: int, world: int,
+def compile_choice(run: RunConfig, device: torch.device, steps_left: int, world: int, members: int = 1,
                    state: dict[str, Any] | None = None) -> tuple[bool, str]:
     """Whether this run's steps are compiled, and why (run key `compile`; a ConfigError for 'on' where it
     cannot be)."""
     from ..nn.rng import is_counter_state
     from .compiled import CompileError, resolve
     try:
-        use, why = resolve(run.compile, device, steps_left, world)
+        use, why = resolve(run.compile, device, steps_left, world, members)
     except CompileError as e:
         raise ConfigError(f"config key 'compile': {e}") from None
     streams = (state or {}).get("learner", {}).get("sampler_rng") or []
@@ -195,7 +195,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
     state = ckpt.load(checkpoint) if checkpoint is not None else None
     if state is not None:
         start = int(state["step"])
-    use_compile, compile_why = compile_choice(run, device, run.steps - start, ctx.world, state)
+    use_compile, compile_why = compile_choice(run, device, run.steps - start, ctx.world, algorithm.K, state)
     learner = make_learner(algorithm, data, cfg, meta, spec.data, mode=spec.data_mode, compile=use_compile)
     configured = learner.reward
     if state is not None:
@@ -213,7 +213,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
 
     if say_later:
         say(say_later)
-    if (use_compile or run.compile != "off" and device.type == "cuda") and start < run.steps:  # CPUs: eager, quietly
+    if (use_compile or run.compile != "off" and device.type == "cuda" and algorithm.K == 1) and start < run.steps:
         say(compile_why + (": the first step compiles the update (about a minute; cached on disk for the next run "
                            "of these shapes)" if use_compile else ""))
     if learner.reward != (1.0, 0.0):

@@ -102,7 +102,7 @@ class Pack:
         them, as every run key), so a member's random streams are of one kind from its first step on."""
         from ..learner.compiled import resolve
         run = cfg["run"]
-        return resolve(run.compile, self.device, run.steps, 1)[0]
+        return resolve(run.compile, self.device, run.steps, 1, members=2)[0]  # a pack: several members
 
     # ----- called by trials ---------------------------------------------------------------------------
     def join(self, trial: str, config: dict[str, Any], run_dir: str, state: bytes | None = None) -> int:

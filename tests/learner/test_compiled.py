@@ -144,8 +144,11 @@ def test_resolve_auto_on_off():
     use, why = resolve("auto", gpu, 500, 1)
     assert not use and "short run" in why and "compile: on" in why
     assert resolve("auto", gpu, 10**6, 1)[0] is True
-    use, why = resolve("auto", cpu, 10**6, 1)
-    assert not use and "off on CPUs" in why and "compile: on" in why
+    assert resolve("auto", cpu, 10**6, 1)[0] is True  # K=1 on a CPU: measured faster compiled
+    assert resolve("auto", cpu, 500, 1)[0] is False
+    use, why = resolve("auto", cpu, 10**6, 1, members=16)
+    assert not use and "K > 1 on CPUs" in why and "compile: on" in why
+    assert resolve("auto", gpu, 10**6, 1, members=64)[0] is True
     assert resolve("auto", gpu, 10**6, 2) == (False,
                                               "compile: auto -> off (2 data-parallel workers run the eager step)")
     with pytest.raises(CompileError, match="compile: on is not supported with 2 data-parallel workers.*compile: off"):
