@@ -14,10 +14,12 @@ rho_{i,t} = pi_e(a_t | s_t) / pi_b(a_t | s_t) and w_{i,t} = prod_{t' <= t} rho_{
 
 Episodes end where their data ends: past its end an episode sits in an absorbing state with reward 0 and ratio
 1, so episodes of different lengths mix (its weight stays in PDWIS's per-step normalizer: normalizing over the
-episodes still running would drop the chance of still running and overstate later rewards). Each estimate comes with a percentile bootstrap interval
-over episodes (resampled with replacement, `bootstrap` times, seeded) and, for the weighted family, the
-effective sample size of the episode weights, ESS = (sum_i w_i)^2 / sum_i w_i^2 (N when pi_e = pi_b; a handful
-when a few episodes carry all the weight). An estimate whose ESS is below `min_ess` carries a warning.
+episodes still running would drop the chance of still running and overstate later rewards).
+
+Each estimate comes with a percentile bootstrap interval over episodes (resampled with replacement, `bootstrap`
+times, seeded) and the effective sample size of the episode weights, ESS = (sum_i w_i)^2 / sum_i w_i^2 (N when
+pi_e = pi_b; a handful when a few episodes carry all the weight). An estimate whose ESS is below `min_ess`
+carries a warning.
 
 Pure numpy on the logged numbers (rewards and both policies' probabilities of the logged actions, and for DR the
 model's q and v); where those numbers come from (logged probabilities, a fitted behavior model, FQE) is the
