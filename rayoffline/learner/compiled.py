@@ -59,8 +59,8 @@ def resolve(setting: str, device: torch.device, steps_left: int, world: int, mem
         return False, "compile: off"
     if world > 1:
         if setting == "on":
-            raise CompileError(f"compile: on is not supported with {world} data-parallel workers (the gradient "
-                               f"all-reduce runs between backward and the optimizer step); use compile: off or auto")
+            from .config import compile_refused
+            raise CompileError(compile_refused(world))
         return False, f"compile: auto -> off ({world} data-parallel workers run the eager step)"
     if setting == "on":
         return True, "compile: on"
@@ -147,7 +147,7 @@ class CompiledStep:
                 raise CompileError(describe_failure(e)) from e
         if new:
             self._seen.add(key)
-            if self.learner.algorithm.device.type == "cuda":
+            if algorithm.device.type == "cuda":
                 torch.cuda.synchronize()
             self.compile_s += time.perf_counter() - t0
         algorithm.member_steps = list(member_steps)

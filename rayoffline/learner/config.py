@@ -117,14 +117,18 @@ class RunConfig:
                 f"the global batch {self.batch_size} must be divisible by num_workers {self.num_workers}")
         require(self.lr_warmup_steps >= 1, "lr_warmup_steps", f"must be >= 1, got {self.lr_warmup_steps}")
         require(self.compile in ("auto", "on", "off"), "compile", f"'auto', 'on' or 'off', got {self.compile!r}")
-        require(self.compile != "on" or self.num_workers <= 1, "compile",
-                f"compile: on is not supported with {self.num_workers} data-parallel workers (the gradient all-reduce "
-                f"runs between backward and the optimizer step); use compile: off or auto")
+        require(self.compile != "on" or self.num_workers <= 1, "compile", compile_refused(self.num_workers))
         require(self.precision in ("fp32", "bf16"), "precision", f"'fp32' or 'bf16', got {self.precision!r}")
         check_reward_scale(self.reward_scale)
         check_lr_schedule(self.lr_schedule)
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+def compile_refused(workers: int) -> str:
+    """Why `compile: on` cannot run with `workers` data-parallel workers (the config check and the learner's)."""
+    return (f"compile: on is not supported with {workers} data-parallel workers (the gradient all-reduce runs "
+            f"between backward and the optimizer step); use compile: off or auto")
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
