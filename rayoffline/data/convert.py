@@ -121,7 +121,7 @@ def default_shards(cols: dict[str, np.ndarray] | int) -> int:
 # public API
 
 def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapping: dict[str, str] | None = None,
-            env_id: str | None = None) -> dict[str, Any]:
+            env_id: str | None = None, holdout: float | None = None, holdout_seed: int = 0) -> dict[str, Any]:
     """Convert `source` into a new dataset directory `out` (which must not exist); returns its metadata.
 
     source: `minari:ID`, `builtin:NAME`, a Minari dataset directory, a D4RL-style .hdf5 file, RLlib-recorded
@@ -130,11 +130,16 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
     shards: number of Parquet files (default: one per 16 MiB of transitions, 1 to 8, and one per 256 MiB
     beyond 2 GiB, see `default_shards`; never more than the number of transitions).
     env_id: gymnasium id to record for evaluation (overrides the source's).
+    holdout: hold out this fraction of the episodes (chosen by `holdout_seed`, see holdout.py) for off-policy
+    evaluation; training never samples them. Recorded in the metadata; later appends are split the same way.
 
     A local `out` is written into a hidden sibling directory and renamed into place at the end; on an object
     store the metadata file is written last. Either way a failed conversion leaves nothing behind.
     """
     shards = _check_shards(shards)
+    if holdout is not None:
+        from .holdout import check_fraction
+        holdout = check_fraction(holdout)
     out_loc = _output(out)
     if out_loc.exists():
         raise DataError(f"{out_loc}: output directory already exists; convert never overwrites - choose a new "
@@ -164,6 +169,9 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
             num_truncations=res.truncations, obs_mean=obs_mean, obs_std=obs_std, reward_mean=float(r_mean[0]),
             reward_std=float(r_std[0]), ref_min_score=plan.ref_min_score, ref_max_score=plan.ref_max_score,
             partitions=[part])
+        if holdout is not None:
+            from .holdout import extend
+            meta["holdout"] = extend(meta, [stage / "part-00000" / f for f in part["files"]], holdout, holdout_seed)
         write_metadata(stage, meta)
         if tmp is not None:
             if out_loc.exists():
@@ -277,6 +285,11 @@ def _append_locked(source: str, root: Location, mapping: dict[str, str] | None, 
             partitions=list(meta["partitions"]) + [part])
         for k, v in meta.items():  # keep keys we do not manage (written by newer code or by hand)
             new_meta.setdefault(k, v)
+        if meta.get("holdout"):  # the new partition is split as the dataset's first ones were
+            from .holdout import extend
+            h = meta["holdout"]
+            new_meta["holdout"] = extend(new_meta, [tmp / f for f in part["files"]], float(h["fraction"]),
+                                         int(h.get("seed", 0)), h)
         if tmp is not final:
             if final.exists():
                 raise DataError(f"{final}: appeared while appending (another process?); nothing was changed")

@@ -228,12 +228,16 @@ def _to_batch(arrays: dict[str, np.ndarray], device: torch.device | str) -> Batc
 
 
 def load(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
-         device: torch.device | str = "cpu") -> Batch:
+         device: torch.device | str = "cpu", part: str = "train") -> Batch:
     """Worker `rank` of `world_size`: its share of the converted dataset at `path` as one Batch of
     contiguous tensors on `device` (float32; discrete actions int64 of shape (N,)). `path`: a local directory
-    or a filesystem URI."""
+    or a filesystem URI. part: 'train' (the default: without the episodes the metadata holds out, see
+    holdout.py), 'holdout' or 'all'."""
+    from .holdout import check_part, keep_mask
+
     root = _root(path)
     meta = load_metadata(root)
+    held = check_part(part, meta, root)
     layout = _layout(meta, root)
     plan = shard_plan(root, rank, world_size, meta)
     total = sum(len(s) for s in plan)
@@ -242,13 +246,26 @@ def load(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
                         f"than the number of workers")
     out = layout.alloc(total)
     pos = 0
+    columns = list(FIELDS) + (["episode_id"] if held is not None else [])
     for seg in plan:
-        table = _read_segment(seg, list(FIELDS))
+        table = _read_segment(seg, columns)
         if table.num_rows != len(seg):
             raise DataError(f"{seg.path}: expected {len(seg)} rows, read {table.num_rows}")
+        if held is not None:
+            table = _keep(table, keep_mask(table.column("episode_id").to_numpy(), held, part))
         pos += _fill(out, pos, table, seg.path, seg.start)
         del table
+    if pos == 0:
+        raise DataError(f"{root}: rank {rank} of {world_size} gets no {part} transitions (the held-out split took "
+                        f"every episode of its share)" if world_size > 1 else f"{root}: no {part} transitions")
+    if pos < total:
+        out = {k: v[:pos] for k, v in out.items()}
     return _to_batch(out, device)
+
+
+def _keep(table, mask):
+    import pyarrow as pa
+    return table if mask is None else table.filter(pa.array(mask))
 
 
 def _reader_reserve(pf) -> int:
@@ -273,17 +290,23 @@ _CHUNKS_RESIDENT = 6  # Arrow's batch + its builders (~3), our copy, the caller'
 
 
 def iter_chunks(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
-                memory_budget_bytes: int = 256 << 20, device: torch.device | str = "cpu") -> Iterator[Batch]:
+                memory_budget_bytes: int = 256 << 20, device: torch.device | str = "cpu",
+                part: str = "train") -> Iterator[Batch]:
     """Stream worker `rank`'s share as Batches, for shares larger than memory.
 
     Resident at any time: Arrow's reader buffers (a few pages per column, estimated from the file's
     metadata, ~2-4 MiB per column for large row groups with default writer settings), the record batch
     Arrow returns and its builders (about three chunks' worth), the chunk being copied out and the
     previous chunk the caller may still hold: the chunk size is (memory_budget_bytes - reader reserve) / 6,
-    so the whole stays within the budget. Concatenated, the chunks equal `load(path, rank, world_size)`.
+    so the whole stays within the budget. Concatenated, the chunks equal `load(path, rank, world_size, part=part)`
+    (held-out rows are dropped from each chunk; empty chunks are not yielded).
     """
+    from .holdout import check_part, keep_mask
+
     root = _root(path)
     meta = load_metadata(root)
+    held = check_part(part, meta, root)
+    columns = list(FIELDS) + (["episode_id"] if held is not None else [])
     layout = _layout(meta, root)
     for seg in shard_plan(root, rank, world_size, meta):
         try:
@@ -305,15 +328,18 @@ def iter_chunks(path: str | os.PathLike, rank: int = 0, world_size: int = 1,
             continue
         at = first  # file row of the next record batch
         try:
-            batches = pf.iter_batches(batch_size=rows, row_groups=groups, columns=list(FIELDS), use_threads=False)
+            batches = pf.iter_batches(batch_size=rows, row_groups=groups, columns=columns, use_threads=False)
             for rb in batches:
                 s, e = max(seg.start, at), min(seg.stop, at + rb.num_rows)
                 if s < e:
-                    part = rb.slice(s - at, e - s)
-                    out = layout.alloc(e - s)
-                    _fill(out, 0, part, seg.path, s)
-                    del part
-                    yield _to_batch(out, device)
+                    piece = rb.slice(s - at, e - s)
+                    if held is not None:
+                        piece = _keep(piece, keep_mask(piece.column("episode_id").to_numpy(), held, part))
+                    if piece.num_rows:
+                        out = layout.alloc(piece.num_rows)
+                        _fill(out, 0, piece, seg.path, s)
+                        del piece
+                        yield _to_batch(out, device)
                 at += rb.num_rows
                 del rb
                 if at >= seg.stop:

@@ -208,7 +208,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
             + (f"; dataset changed (content hash {last['from_hash'][:12]} -> {last['to_hash'][:12]}), recorded in "
                f"config.yaml" if last is not None else ""))
     say(f"{cfg['algo_name']}: {algorithm.K} member{'s' if algorithm.K > 1 else ''}, {run.steps} steps of batch "
-        f"{run.batch_size} on {meta.get('num_transitions')} transitions, {device.type}"
+        f"{run.batch_size} on {_training_rows(meta)}, {device.type}"
         + (f" ({threads} thread{'s' if threads > 1 else ''})" if device.type == "cpu" else "") + f" -> {run_dir}")
 
     if say_later:
@@ -248,6 +248,14 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
         if logger is not None:
             logger.close()
     return result
+
+
+def _training_rows(meta: dict[str, Any]) -> str:
+    h = meta.get("holdout") or {}
+    n = meta.get("num_transitions")
+    if not h or not isinstance(n, int):
+        return f"{n} transitions"
+    return f"{n - int(h['num_transitions'])} transitions ({h['num_episodes']} episodes held out for evaluation)"
 
 
 def _describe(value: Any) -> str:
