@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shards", type=int, default=None, help=SHARDS_HELP)
     c.add_argument("--map", action="append", metavar="FIELD=COLUMN", help=MAP_HELP)
     c.add_argument("--env-id", default=None, help="gymnasium id to record for evaluation")
+    c.add_argument("--holdout", type=float, default=None, metavar="F",
+                   help="hold out this fraction of the episodes for off-policy evaluation (e.g. 0.1); training "
+                        "never samples them, and appended partitions are split the same way")
+    c.add_argument("--holdout-seed", type=int, default=0, help="seed choosing the held-out episodes (default 0)")
     a = data.add_parser("append", help="add a new partition to a converted dataset")
     a.add_argument("source")
     a.add_argument("--to", required=True, help="existing converted dataset directory or URI")
@@ -75,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-duplicate", action="store_true",
                    help="append although the dataset already holds a partition with the same content hash (the "
                         "same transitions would count twice); recorded as duplicate_of in the dataset's metadata")
+    sp = data.add_parser("split", help="hold out a fraction of an existing dataset's episodes for off-policy "
+                                       "evaluation (metadata only, no shard rewritten)")
+    sp.add_argument("dir", help="converted dataset directory or URI")
+    sp.add_argument("--holdout", type=float, required=True, metavar="F", help="fraction of the episodes, e.g. 0.1")
+    sp.add_argument("--seed", type=int, default=0, help="seed choosing the held-out episodes (default 0)")
+    sp.add_argument("--replace", action="store_true",
+                    help="replace an existing split (runs trained on the old one saw episodes the new one holds out)")
     i = data.add_parser("inspect", help="data-quality report and PNG")
     i.add_argument("dir", help="converted dataset directory, URI or builtin:NAME")
     i.add_argument("--out", "--png", dest="out", default=None, metavar="PATH",
@@ -157,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _held_out(meta: dict) -> str:
+    h = meta.get("holdout")
+    if not h:
+        return ""
+    return (f"; held out {h['num_episodes']} of {meta['num_episodes']} episodes ({h['num_transitions']} transitions, "
+            f"fraction {h['fraction']:g}, seed {h['seed']}) for off-policy evaluation")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         import warnings
@@ -177,12 +196,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             warnings.showwarning = one_line
             if args.data_command == "convert":
                 meta = data.convert(args.source, args.out, shards=args.shards, mapping=_parse_mapping(args.map),
-                                    env_id=args.env_id)
-                print(f"wrote {meta['num_transitions']} transitions in {meta['num_episodes']} episodes to {args.out}")
+                                    env_id=args.env_id, holdout=args.holdout, holdout_seed=args.holdout_seed)
+                print(f"wrote {meta['num_transitions']} transitions in {meta['num_episodes']} episodes to {args.out}"
+                      + _held_out(meta))
             elif args.data_command == "append":
                 meta = data.append(args.source, args.to, mapping=_parse_mapping(args.map), shards=args.shards,
                                    allow_duplicate=args.allow_duplicate)
                 print(f"{args.to} now holds {meta['num_transitions']} transitions in {meta['num_episodes']} episodes")
+            elif args.data_command == "split":
+                from .data.holdout import split
+                meta = split(args.dir, args.holdout, seed=args.seed, replace=args.replace)
+                print(f"{args.dir}: {_held_out(meta).lstrip('; ')}")
             else:
                 report = data.inspect(args.dir, out=args.out)
                 print(report["text"])
