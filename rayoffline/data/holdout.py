@@ -228,6 +228,7 @@ def load_episodes(path: str | os.PathLike, part: str = "holdout", device: "torch
                   max_episodes: int | None = None, seed: int = 0) -> EpisodeRows:
     """The episodes of `part` ('holdout', 'train' or 'all') with their ids and steps, ordered by (episode, step).
     max_episodes: keep at most this many (chosen at random by `seed`, then in id order)."""
+    import pyarrow as pa
     import torch
 
     from ..batch import Batch
@@ -243,7 +244,6 @@ def load_episodes(path: str | os.PathLike, part: str = "holdout", device: "torch
         eid = table.column("episode_id").to_numpy()
         m = keep_mask(eid, held, part) if held is not None else None
         if m is not None:
-            import pyarrow as pa
             table = table.filter(pa.array(m))
             eid = eid[m]
         tables.append((seg, table))
@@ -259,7 +259,6 @@ def load_episodes(path: str | os.PathLike, part: str = "holdout", device: "torch
             keep = np.cumsum([0] + [t.num_rows for _, t in tables])
             new_tables = []
             for i, (seg, t) in enumerate(tables):
-                import pyarrow as pa
                 new_tables.append((seg, t.filter(pa.array(sel[keep[i]:keep[i + 1]]))))
             tables, eid, st = new_tables, eid[sel], st[sel]
     out = layout.alloc(len(eid))
