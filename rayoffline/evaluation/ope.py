@@ -104,18 +104,27 @@ class Estimate:
         return asdict(self)
 
 
-def _ratios(ep: Episodes) -> tuple[np.ndarray, np.ndarray]:
-    """(rho (N, T), cumulative w (N, T)); steps past an episode's end have rho = 1 (w carries over)."""
-    rho = np.where(ep.mask, ep.target_prob / ep.behavior_prob, 1.0)
-    return rho, np.cumprod(rho, axis=1)
+def _ratios(ep: Episodes, scaled: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(rho (N, T), cumulative w (N, T)); steps past an episode's end have rho = 1 (w carries over).
+
+    The products are taken in log space. scaled=True divides each step's column of w by its largest entry: the
+    self-normalized estimators (WIS, PDWIS) and the ESS do not change, and long episodes of densities (a product
+    of hundreds of ratios of 10 or 0.1) stay finite."""
+    with np.errstate(divide="ignore"):
+        log_rho = np.where(ep.mask, np.log(ep.target_prob) - np.log(ep.behavior_prob), 0.0)
+    log_w = np.cumsum(log_rho, axis=1)
+    if scaled and log_w.size:
+        top = log_w.max(0, keepdims=True)
+        log_w = log_w - np.where(np.isfinite(top), top, 0.0)
+    return np.exp(log_rho), np.exp(log_w)
 
 
 def _discounts(ep: Episodes, gamma: float) -> np.ndarray:
     return gamma ** np.arange(ep.rewards.shape[1], dtype=np.float64)
 
 
-def _final_weights(ep: Episodes) -> np.ndarray:
-    _, w = _ratios(ep)
+def _final_weights(ep: Episodes, scaled: bool = False) -> np.ndarray:
+    _, w = _ratios(ep, scaled)
     return w[:, -1] if w.shape[1] else np.ones(w.shape[0])
 
 
@@ -126,7 +135,7 @@ def importance_sampling(ep: Episodes, gamma: float) -> float:
 
 def weighted_is(ep: Episodes, gamma: float) -> float:
     g = (ep.rewards * ep.mask * _discounts(ep, gamma)).sum(1)
-    w = _final_weights(ep)
+    w = _final_weights(ep, scaled=True)
     total = w.sum()
     return float((w * g).sum() / total) if total > 0 else float("nan")
 
@@ -137,7 +146,7 @@ def per_decision_is(ep: Episodes, gamma: float) -> float:
 
 
 def per_decision_wis(ep: Episodes, gamma: float) -> float:
-    _, w = _ratios(ep)
+    _, w = _ratios(ep, scaled=True)
     norm = w.sum(0)  # (T,) over all episodes: one that ended sits in an absorbing state (reward 0, ratio 1)
     per_step = np.divide((w * ep.mask * ep.rewards).sum(0), norm, out=np.zeros_like(norm), where=norm > 0)
     return float((per_step * _discounts(ep, gamma)).sum())
@@ -161,7 +170,7 @@ _FUNCS: dict[str, Callable[[Episodes, float], float]] = {
 
 
 def effective_sample_size(ep: Episodes) -> float:
-    w = _final_weights(ep)
+    w = _final_weights(ep, scaled=True)
     s2 = float((w ** 2).sum())
     return float(w.sum()) ** 2 / s2 if s2 > 0 else 0.0
 
