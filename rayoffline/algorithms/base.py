@@ -131,6 +131,13 @@ class Algorithm(nn.Module):
         """Deterministic action for normalized obs (K, B, obs): (K, B, act) in [-1, 1] or (K, B) int64."""
         raise NotImplementedError
 
+    def critic_values(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor | None:
+        """Each of the algorithm's C critics' Q(s, a) for normalized obs (K, B, obs) and normalized actions
+        (K, B, act) or (K, B) int64: (K, C, B), without gradient (twin critics: C = 2, the online critics, not
+        the targets; discrete: the logged action's column). None for an algorithm without a critic (BC). Read by
+        the training diagnostics (rayoffline/evaluation/diagnostics.py)."""
+        return None
+
     # ----- data parallelism ---------------------------------------------------------------------------
     def branch_steps(self, step: int, member_steps: list[int]) -> tuple[int, tuple[int, ...] | None]:
         """The smallest (step, member_steps) for which `update` takes the same Python branches as at (step,

@@ -172,5 +172,9 @@ class BCQ(Algorithm):
         cand = cand.view(k, bs, n, act_dim)
         return cand.gather(2, best[:, :, None, None].expand(k, bs, 1, act_dim)).squeeze(2)
 
+    @torch.no_grad()
+    def critic_values(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs, actions)                                       # (K, 2, B)
+
 
 ALGORITHM = BCQ

@@ -328,5 +328,9 @@ class CQL(Algorithm):
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         return self.actor(obs)
 
+    @torch.no_grad()
+    def critic_values(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs, actions)                                       # (K, 2, B)
+
 
 ALGORITHM = CQL

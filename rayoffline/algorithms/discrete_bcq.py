@@ -119,5 +119,10 @@ class DiscreteBCQ(Algorithm):
         q, logits = self.heads(obs)
         return self.greedy(q, self.allowed(logits))
 
+    @torch.no_grad()
+    def critic_values(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        q = self.net.forward_copy(obs, 0)                                      # (K, B, n): the Q copy only
+        return q.gather(-1, actions.unsqueeze(-1)).squeeze(-1).unsqueeze(1)    # (K, 1, B)
+
 
 ALGORITHM = DiscreteBCQ

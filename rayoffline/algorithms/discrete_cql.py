@@ -82,5 +82,9 @@ class DiscreteCQL(Algorithm):
     def policy(self, obs: torch.Tensor) -> torch.Tensor:
         return self.q(obs).argmax(-1)
 
+    @torch.no_grad()
+    def critic_values(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.q(obs).gather(-1, actions.unsqueeze(-1)).squeeze(-1).unsqueeze(1)  # (K, 1, B)
+
 
 ALGORITHM = DiscreteCQL

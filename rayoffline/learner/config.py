@@ -48,6 +48,13 @@ class RunConfig:
     """Online evaluation every this many steps (0: only at the end)."""
     eval_episodes: int = 10
     """Episodes per member per evaluation (run in parallel in a vectorized env)."""
+    diagnostics: str = "basic"
+    """Training diagnostics (`diag/*`: critic vs returns, TD error, policy-to-data distance, disagreement) and
+    warning flags, computed with each online evaluation (`eval_every` and the end; also with eval_episodes 0) on
+    the held-out episodes, else on a sample of training episodes: 'basic', 'full' (also fits a behavior model
+    once per run, for `diag/behavior_nll`) or 'off'."""
+    diagnostics_episodes: int = 20
+    """At most this many episodes (chosen by `seed`) are scored by the diagnostics."""
     checkpoint_every: int = 10_000
     """Checkpoint every this many steps (always at the end; 0: only at the end)."""
     keep_checkpoints: int = 3
@@ -101,6 +108,10 @@ class RunConfig:
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         require(self.eval_episodes >= 0, "eval_episodes", f"must be >= 0, got {self.eval_episodes}")
+        require(self.diagnostics in ("off", "basic", "full"), "diagnostics",
+                f"'basic', 'full' or 'off', got {self.diagnostics!r}")
+        require(self.diagnostics_episodes >= 1, "diagnostics_episodes",
+                f"must be >= 1, got {self.diagnostics_episodes}")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from .. import algorithms
+from ..batch import Batch
 from ..config import to_dict
 from ..errors import ConfigError
 from ..spec import EnvSpec
@@ -222,6 +223,7 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
             + f" (reward_scale: {_describe(run.reward_scale)})"
             + (f", kept from the checkpoint: this run's setting on this dataset would give {configured[0]:.6g} * r + "
                f"{configured[1]:g}" if learner.reward != configured else ""))
+    diagnostics = make_diagnostics(run, data_dir, meta, algorithm, learner, say) if lead else None
     created = not run_dir.exists()
     fresh = spec.in_process and not spec.resume and checkpoint is None
     finished_steps = 0
@@ -232,9 +234,12 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
             ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
                 config_to_yaml(cfg, spec.data, meta.get("content_hash"), spec.data_changes), sort_keys=False))
             logger = RunLogger(run_dir, algorithm.K, run.steps, start, run.progress if spec.in_process else "off")
+            if diagnostics is not None:
+                diagnostics.warn = _warner(say, logger)
         else:
             logger = _Silent()
-        result = _drive(run_dir, cfg, run, spec.data, meta, algorithm, learner, logger, start, ctx, spec.submitted)
+        result = _drive(run_dir, cfg, run, spec.data, meta, algorithm, learner, logger, start, ctx, spec.submitted,
+                        diagnostics=diagnostics)
         finished_steps = run.steps - start
     except BaseException:
         if logger is not None:
@@ -264,7 +269,7 @@ def _describe(value: Any) -> str:
 
 def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: dict[str, Any], algorithm,
            learner: Learner, logger: Any, start: int, ctx: WorkerContext,
-           spec_submitted: float = 0.0) -> dict[str, Any] | None:
+           spec_submitted: float = 0.0, diagnostics: Any = None) -> dict[str, Any] | None:
     def payload() -> dict[str, Any]:
         return {"algo": cfg["algo_name"], "learner": learner.state_dict(),  # collective in split mode
                 "member_configs": [to_dict(c) for c in cfg["members"]], "seeds": list(cfg["seeds"]),
@@ -290,6 +295,11 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
         logger.advance()
         if first_update_s is None and spec_submitted:
             first_update_s = time.time() - spec_submitted
+        diag: dict[str, Any] = {}
+        if diagnostics is not None and (step == run.steps or (run.eval_every and step % run.eval_every == 0)):
+            td = time.perf_counter()
+            diag = diagnostics.run(algorithm, step)  # lead only; left out of updates/s like evaluation
+            t0 += time.perf_counter() - td
         if step % run.log_every == 0 or step == run.steps:
             metrics = learner.pop_metrics()  # the one host sync of the interval (an all-reduce across workers)
             now = time.perf_counter()
@@ -300,6 +310,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
             metrics["perf/member_updates_per_s"] = rate * k
             if compile_s:
                 metrics["perf/compile_s"] = compile_s
+            metrics.update(diag)  # one metrics.jsonl row per step with the interval's losses
+            diag = {}
             logger.log(step, metrics)
             logged.update(metrics)
             last_metrics = {"step": step, **metrics}
@@ -323,6 +335,9 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
             logger.log(step, row)
             logged.update(row)
             t0 += time.perf_counter() - te
+        if diag:  # a diagnostics step between log intervals: a row of its own
+            logger.log(step, diag)
+            logged.update(diag)
         if lead and ctx.on_log is not None and logged:
             tc = time.perf_counter()
             ctx.on_log(step, logged, written)
@@ -335,6 +350,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
         return None
     if start >= run.steps:  # resumed a finished run: nothing trained, evaluate what is there
         last_eval = _evaluate_aside(algorithm, meta, run.eval_episodes, run.seed) if run.eval_episodes else None
+        if diagnostics is not None:
+            diagnostics.run(algorithm, start)
     result = make_result(cfg, meta, last_eval, run, train_steps / train_time if train_time > 0 else None,
                      time.perf_counter() - t_start)
     result["num_workers"] = ctx.world
@@ -343,6 +360,8 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     result["reward_transform"] = {"scale": learner.reward[0], "bias": learner.reward[1]}
     result["time_to_first_update_s"] = first_update_s  # from the train() call (start-up: Ray, data, networks)
     result["first_update_at"] = spec_submitted + first_update_s if first_update_s is not None else None
+    if diagnostics is not None:
+        result["diagnostics"] = diagnostics.summary()
     if ctx.node is not None:
         result["worker_nodes"] = nodes  # by rank
     ckpt.atomic_write_json(run_dir / "result.json", result)
@@ -357,6 +376,52 @@ def _evaluate_aside(algorithm, meta: dict[str, Any], episodes: int, seed: int) -
         return evaluate_members(algorithm, meta, episodes, seed)
     finally:
         algorithm.rng.set_state(saved)
+
+
+def make_diagnostics(run: RunConfig, data_dir: Any, meta: dict[str, Any], algorithm, learner: Learner,
+                     say: Callable[[str], None], cache: dict[Any, Any] | None = None):
+    """The run's training diagnostics (rayoffline/evaluation/diagnostics.py; run key `diagnostics`), their episode
+    rows loaded once, or None (off, or skipped with a line saying why). cache: episode rows and behavior models
+    to share between runs on the same data (a sweep pack's trials)."""
+    if run.diagnostics == "off":
+        return None
+    from ..data.holdout import held_out_ids
+    from ..evaluation import diagnostics as diag
+    if held_out_ids(meta) is None and not isinstance(learner.data, Batch):
+        say("diagnostics: skipped (the dataset has no held-out split and is trained out-of-core, so sampling "
+            "training episodes would read all of it); make a split with `rayoffline data split DIR --holdout 0.05`")
+        return None
+    cache = {} if cache is None else cache
+    key = ("rows", run.diagnostics_episodes, run.seed)
+    if key not in cache:
+        cache[key] = diag.load_rows(data_dir, meta, run.diagnostics_episodes, run.seed, algorithm.device)
+    rows, source = cache[key]
+    behavior = None
+    if run.diagnostics == "full":
+        if not isinstance(learner.data, Batch):
+            say("diagnostics: full -> basic (the behavior model is fitted on in-memory training data; this run "
+                "trains out-of-core)")
+        else:
+            from ..evaluation.behavior import default_steps, fit_behavior
+            steps = default_steps(int(learner.data.rewards.shape[0]))
+            if ("behavior", run.seed) not in cache:
+                say(f"diagnostics: fitting a behavior model ({steps} updates) for diag/behavior_nll")
+                with torch.random.fork_rng(devices=[algorithm.device] if algorithm.device.type == "cuda" else []):
+                    cache["behavior", run.seed] = fit_behavior(learner.data, meta, steps, seeds=(run.seed,),
+                                                               device=algorithm.device)
+            behavior = cache["behavior", run.seed]
+    return diag.Diagnostics(algorithm, rows, source, learner.reward, behavior=behavior, warn=say)
+
+
+def _warner(say: Callable[[str], None], logger: Any) -> Callable[[str], None]:
+    """A warning line through the run's printer, above the progress bar when there is one."""
+    def warn(msg: str) -> None:
+        bar = getattr(getattr(logger, "progress", None), "bar", None)
+        if bar is not None:
+            bar.write(msg, file=sys.stderr)
+        else:
+            say(msg)
+    return warn
 
 
 def remove_new_run(run_dir: Path, created: bool) -> None:

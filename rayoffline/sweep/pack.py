@@ -54,6 +54,7 @@ class _Member:
     member_updates: int = 0
     trained: int = 0
     train_s: float = 0.0
+    diag: Any = None               # the trial's training diagnostics (run key `diagnostics`), or None
 
     @property
     def size(self) -> int:
@@ -88,6 +89,7 @@ class Pack:
         self.waiting: set[str] = set()       # trials that took every result and wait for the next
         self.posted: dict[str, float] = {}   # trial -> when its last result was posted
         self.learner = None
+        self.diag_cache: dict[Any, Any] = {}  # episode rows (and behavior models) shared by the trials' diagnostics
         self.lock = threading.Condition()
         self.closed = False
         self.passes = 0
@@ -120,8 +122,11 @@ class Pack:
             payload = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
             own.load_state_dict(payload["learner"], where=f"trial {trial}'s checkpoint", step=int(payload["step"]))
             start = int(payload["step"])
+        from ..learner.worker import make_diagnostics
+        diag = make_diagnostics(cfg["run"], self.data_path, self.meta, own.algorithm, own, lambda _: None,
+                                cache=self.diag_cache)
         m = _Member(trial=trial, cfg=cfg, run_dir=Path(run_dir), state=own.state_dict(), step=start,
-                    started=time.time())
+                    started=time.time(), diag=diag)
         if start >= cfg["run"].steps:  # restored at its last step (PBT exploits at the end too): nothing to train
             with self.lock:
                 self.outbox[trial] = [{"step": start, "metrics": {}, "done": True, "checkpoint": state,
@@ -353,6 +358,11 @@ class Pack:
             row["perf/updates_per_s"] = rate
             row["perf/member_updates_per_s"] = rate * m.size
             row["perf/pack_members"] = k_pack
+            at_eval = m.step >= r.steps or (r.eval_every and m.step % r.eval_every == 0)
+            if m.diag is not None and at_eval:  # in the interval's row, as a solo run logs them
+                if state is None:
+                    state = self.learner.state_dict()
+                row.update(self._diagnose(m, pack_state.select(state, idx)["algorithm"]))
             m.logger.advance(n)
             m.logger.log(m.step, row)
             finite = all(math.isfinite(x) for key, v in row.items() if key.startswith("loss/") for x in v)
@@ -366,8 +376,7 @@ class Pack:
                 payload = self._payload(m, pack_state.to_cpu(pack_state.select(state, idx)))
                 path = ckpt.save(m.run_dir, m.step, payload, keep=r.keep_checkpoints)
                 res["checkpoint"] = path.read_bytes()
-            if res["error"] is None and r.eval_episodes > 0 and (
-                    m.step >= r.steps or (r.eval_every and m.step % r.eval_every == 0)):
+            if res["error"] is None and r.eval_episodes > 0 and at_eval:
                 due_eval.append((m, idx))
             out[m.trial] = res
         if due_eval:
@@ -406,6 +415,13 @@ class Pack:
             m.logger.log(m.step, row)
             out[m.trial]["metrics"].update(row)
 
+    def _diagnose(self, m: _Member, algorithm_state: dict[str, Any]) -> dict[str, list[float]]:
+        """The trial's diagnostics pass on its members' current weights (a copy: the pack's streams stay)."""
+        from ..learner.worker import _build_algorithm
+        algorithm = _build_algorithm(m.cfg, self.meta, self.device)
+        algorithm.load_state_dict(algorithm_state)
+        return m.diag.run(algorithm, m.step)
+
     def _payload(self, m: _Member, learner_state: dict[str, Any]) -> dict[str, Any]:
         from ..config import to_dict
         return {"algo": m.cfg["algo_name"], "learner": learner_state,
@@ -420,6 +436,8 @@ class Pack:
         result = make_result(m.cfg, self.meta, m.last_eval, m.cfg["run"], rate, wall)
         result["pack"] = self.name
         result["pack_members"] = self.learner.algorithm.K  # members in the pass this trial finished in
+        if m.diag is not None:
+            result["diagnostics"] = m.diag.summary()
         ckpt.atomic_write_json(m.run_dir / "result.json", result)
 
     def _stats(self) -> dict[str, Any]:

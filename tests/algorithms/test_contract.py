@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rayoffline import algorithms
+from rayoffline.batch import Batch
 from rayoffline.errors import ConfigError
 from rayoffline.learner.loop import Learner
 from tests.helpers import CONT, DISC, random_data, spec_for
@@ -92,6 +93,28 @@ def test_act_shapes_and_bounds(name):
         assert a.shape == (3, 7, alg.spec.action_dim)
         low, high = torch.tensor(alg.spec.action_low), torch.tensor(alg.spec.action_high)
         assert ((a >= low - 1e-5) & (a <= high + 1e-5)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_critic_values_shape_and_no_grad(name):
+    """critic_values: (K, C, B) without gradient, member k's values those of the K=1 network of its seed."""
+    alg = make(name, k=2, seeds=[3, 4])
+    b = alg.prepare(_members(random_data(alg.spec, n=6), 2))
+    q = alg.critic_values(b.observations, b.actions)
+    if name == "bc":
+        assert q is None
+        return
+    c = 1 if alg.spec.discrete else 2
+    assert q.shape == (2, c, 6) and not q.requires_grad and torch.isfinite(q).all()
+    alone = make(name, k=1, seeds=[4])
+    q1 = alone.critic_values(b.observations[1:], b.actions[1:])
+    torch.testing.assert_close(q[1:], q1)
+
+
+def _members(batch: Batch, k: int) -> Batch:
+    return Batch(**{f: getattr(batch, f).unsqueeze(0).expand(k, *getattr(batch, f).shape)
+                    for f in ("observations", "actions", "rewards", "next_observations", "terminations",
+                              "truncations")})
 
 
 @pytest.mark.parametrize("name", NAMES)

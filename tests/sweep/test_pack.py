@@ -67,7 +67,7 @@ def test_fused_trials_equal_their_solo_runs_and_load_like_runs(pack, tmp_path):
         assert [r["step"] for r in fused_rows] == [r["step"] for r in solo_rows]
         for fr, sr in zip(fused_rows, solo_rows):
             for key in sr:
-                if key.startswith(("loss/", "train/", "eval/")):
+                if key.startswith(("loss/", "train/", "eval/", "diag/")):
                     _close(fr[key], sr[key])
         fused = json.loads((tmp_path / t / "result.json").read_text())
         _close([m["eval_return_mean"] for m in fused["members"]], [m["eval_return_mean"] for m in solo["members"]])
