@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rayoffline-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean browser
 
 install: $(STAMP)
 
@@ -23,8 +23,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m rayoffline demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# headless Chromium for the `rayoffline report` page tests (tests/evaluation/test_report.py, skipped without it):
+# Debian's package where apt-get runs as root, else a note; `make demo` does not need it
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "note: installing chromium failed; the report's browser tests will be skipped"; \
+	else echo "note: no chromium, and no apt-get as root to install it; the report's browser tests will be skipped"; fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_throughput.py
