@@ -144,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster to join: auto or ray://HOST:10001 (default: $RAY_ADDRESS, else a local Ray)")
     w.add_argument("--verbose", action="store_true", help="show Ray Tune's own output (always kept in OUT/ray.log)")
 
+    rp = sub.add_parser("report", help="one self-contained HTML page about a run or a sweep (figures embedded)")
+    rp.add_argument("dir", help="run directory (`rayoffline train --out DIR`) or sweep directory "
+                                "(`rayoffline tune --out DIR`)")
+    rp.add_argument("--out", default=None, metavar="FILE", help="where to write the page (default: DIR/report.html)")
+
+    o = sub.add_parser("ope", help="off-policy estimates of a run's policies on its dataset's held-out episodes")
+    o.add_argument("run_dir", help="run directory (`rayoffline train --out DIR`)")
+    o.add_argument("--estimators", default=None,
+                   help="comma-separated: fqe, is, wis, pdis, pdwis, dr, mb, or all (default fqe,wis,pdwis,dr,mb)")
+    o.add_argument("--members", default="all", help="members to evaluate: all (default) or indices like 0,2")
+    o.add_argument("--data", default=None, help="evaluate on this dataset's held-out episodes instead of the "
+                                                 "run's own (same spaces), e.g. a newer version of it")
+    o.add_argument("--fqe-steps", type=int, default=None, help="FQE updates (default 20000)")
+    o.add_argument("--device", default="cpu", help="torch device for the fits (default cpu), e.g. cuda")
+    o.add_argument("--seed", type=int, default=0, help="seed of the fits and the bootstrap (default 0)")
+
     sub.add_parser("algos", help="list algorithms and their config fields")
     sub.add_parser("presets", help="list the reference presets for `train --preset NAME`")
     d = sub.add_parser("demo", help="the main job on an embedded dataset (IQL on builtin:pendulum-medium)")
@@ -222,6 +238,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .sweep.run import tune
         tune(args.sweep, out=args.out, overrides=args.set, resume=args.resume, address=args.address,
              verbose=args.verbose)
+        return 0
+    if args.command == "report":
+        from .evaluation.report import report
+        print(report(args.dir, out=args.out))
+        return 0
+    if args.command == "ope":
+        from .evaluation.offpolicy import format_table, run_ope
+        extra = {"fqe_steps": args.fqe_steps} if args.fqe_steps is not None else {}
+        out = run_ope(args.run_dir, estimators=args.estimators, members=args.members, data=args.data,
+                      device=args.device, progress=True, seed=args.seed, **extra)
+        print(format_table(out))
+        print(f"wrote {args.run_dir.rstrip('/')}/ope.json")
         return 0
     if args.command == "presets":
         from .learner.commands import describe_presets
