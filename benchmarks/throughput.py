@@ -53,6 +53,8 @@ def dataset(spec: EnvSpec, device: torch.device) -> Batch:
 
 
 def spec_for(name: str) -> EnvSpec:
+    if name == "fqe":
+        return EnvSpec(OBS, ACT, False, (-1.0,) * ACT, (1.0,) * ACT)
     cls = algorithms.get(name)
     if "continuous" in cls.action_types:
         return EnvSpec(OBS, ACT, False, (-1.0,) * ACT, (1.0,) * ACT)
@@ -65,6 +67,15 @@ def sync(device: torch.device) -> None:
 
 
 def make_learner(name: str, k: int, device: torch.device, compile: bool = False) -> Learner:
+    if name == "fqe":  # OPE's FQE (rayoffline/evaluation/fqe.py) evaluating K TD3+BC actors, one per member
+        from rayoffline.evaluation.fqe import FQE, FQEConfig
+        from rayoffline.evaluation.policies import LearnedPolicy
+        spec = spec_for(name)
+        target = algorithms.get("td3_bc")(spec, [algorithms.get("td3_bc").Config(hidden=(256, 256))] * k,
+                                           list(range(k)), device=device)
+        fqe = FQE(spec, [FQEConfig(hidden=(256, 256), reward_scale=1.0)] * k, list(range(k)), device=device)
+        fqe.set_target(LearnedPolicy(target))
+        return Learner(fqe, dataset(spec, device), BATCH, compile=compile)
     cls = algorithms.get(name)
     spec = spec_for(name)
     alg = cls(spec, [cls.Config(hidden=(256, 256))] * k, list(range(k)), device=device)  # the issue: 2x256 MLPs
@@ -140,7 +151,8 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--algos", default=",".join(algorithms.names()))
+    ap.add_argument("--algos", default=",".join(algorithms.names() + ["fqe"]),
+                    help="algorithms to time; fqe is OPE's Fitted Q Evaluation of K TD3+BC actors")
     ap.add_argument("--ks", default="1,16")
     ap.add_argument("--steps", type=int, default=0, help="timed updates per repeat (0: sized per algorithm)")
     ap.add_argument("--repeats", type=int, default=5)
