@@ -83,6 +83,12 @@ class FQEConfig(AlgoConfig):
     """Rewards are multiplied by this for training and the estimates divided by it (any value gives the same
     estimates in the dataset's units; it sets the regression's scale). None: fit_fqe picks 1 / rms(r) of the
     dataset's rewards (an FQE built directly uses 1)."""
+    reward_min: float | None = None
+    """With reward_max: the smallest and largest reward of the data (fit_fqe fills both in). Every return then lies
+    in [reward_min, reward_max] / (1 - gamma), and the bootstrapped value V'(s') is clipped to that range: a
+    target policy far from the data's support otherwise lets Q extrapolate without bound (measured: a negated
+    CartPole policy's estimate grew to 1e6 where returns are at most 100)."""
+    reward_max: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,6 +191,11 @@ class FQE(Algorithm):
         gamma = self.coef("discount")[:, None]                                    # (K, 1)
         with torch.no_grad():
             next_v = self._expected(self.q_target, batch.next_observations, b.next_observations)  # (K, B)
+            if self.cfg.reward_min is not None and self.cfg.reward_max is not None:
+                horizon = 1.0 / (1.0 - gamma)                                     # (K, 1)
+                c = self.reward_scale
+                next_v = torch.minimum(torch.maximum(next_v, c * self.cfg.reward_min * horizon),
+                                       c * self.cfg.reward_max * horizon)
             y = self.reward_scale * b.rewards + gamma * (1.0 - b.terminations) * next_v           # (K, B)
         q = self._q(self.q_net, b.observations, b.actions)                        # (K, B)
         if self.cfg.loss == "huber":
@@ -265,6 +276,10 @@ def fit_fqe(policy: Any, data: Batch, meta: dict[str, Any], steps: int, batch_si
     if any(c.reward_scale is None for c in configs):
         scale = auto_reward_scale(data.rewards)
         configs = [c if c.reward_scale is not None else replace(c, reward_scale=scale) for c in configs]
+    if any(c.reward_min is None or c.reward_max is None for c in configs):
+        lo, hi = float(data.rewards.min()), float(data.rewards.max())
+        configs = [c if c.reward_min is not None and c.reward_max is not None
+                   else replace(c, reward_min=lo, reward_max=hi) for c in configs]
     fqe = FQE(spec, configs, seeds, device=device, obs_mean=meta.get("obs_mean"), obs_std=meta.get("obs_std"))
     fqe.set_target(policy)
     learner = Learner(fqe, data, batch_size)

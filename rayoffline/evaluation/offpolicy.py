@@ -62,7 +62,8 @@ class OPESettings:
     gamma: float | None = None
     """None: the run's discount."""
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    fqe: dict[str, Any] = field(default_factory=dict)
+    """FQEConfig keys (hidden, lr, tau, target_period, ...) over its defaults."""
 
 
 def parse_estimators(value: str | Sequence[str] | None, key: str = "--estimators") -> tuple[str, ...]:
@@ -163,7 +164,8 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
         say(f"ope: fitting FQE for {k} policies, {settings.fqe_steps} steps")
         full = load(data_dir, part="all", device=device)
         fqe = fit_fqe(policy, full, meta, settings.fqe_steps, batch_size=settings.batch_size,
-                      seeds=[settings.seed + i for i in range(k)], config=FQEConfig(discount=gamma), device=device)
+                      seeds=[settings.seed + i for i in range(k)],
+                      config=FQEConfig(**{**settings.fqe, "discount": gamma}), device=device)
         del full
         v_all = _rows(lambda sl: fqe.value(b.observations[sl]), n)                   # (K, n)
         v_end = _rows(lambda sl: fqe.value(b.next_observations[torch.as_tensor(last)][sl]), len(last))  # (K, E)
@@ -272,7 +274,7 @@ def run_ope(run_dir: str | Path, estimators: str | Sequence[str] | None = None, 
     unknown = [key for key in settings if key not in OPESettings.__dataclass_fields__]
     if unknown:
         raise ConfigError(f"unknown OPE setting {unknown[0]!r}; settings: "
-                          f"{', '.join(f for f in OPESettings.__dataclass_fields__ if f != 'extra')}")
+                          f"{', '.join(OPESettings.__dataclass_fields__)}")
     cfg = OPESettings(estimators=names, **settings)
     run_dir = Path(run_dir)
     dev = torch.device(device)
@@ -301,7 +303,7 @@ def run_ope(run_dir: str | Path, estimators: str | Sequence[str] | None = None, 
     out = {"run_dir": str(run_dir), "checkpoint": str(latest(run_dir).relative_to(run_dir)), "step": int(state["step"]),
            "algo": state["algo"], "data": str(data_dir), "content_hash": meta.get("content_hash"), "gamma": gamma,
            "level": cfg.level, "members": picked, "online": online, **result,
-           "settings": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+           "settings": {k: v for k, v in asdict(cfg).items() }}
     if write:
         atomic_write_json(run_dir / "ope.json", out)
     return out
