@@ -43,6 +43,8 @@ from .ope import ESTIMATORS as IS_FAMILY, Episodes, estimate
 ESTIMATORS = ("fqe",) + IS_FAMILY + ("mb",)
 DEFAULT_ESTIMATORS = ("fqe", "wis", "pdwis", "dr", "mb")
 NEEDS_LOGGED = ("is", "pdis")
+RUN_ESTIMATORS = ("fqe", "wis", "pdwis", "dr", "mb")
+"""What a run config may request at its eval points (run key `ope`)."""
 
 
 @dataclass
@@ -250,6 +252,22 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
                                            float(disagreement[i]), "warning": None})
         out["models"]["dynamics"] = {"steps": steps, "members": settings.ensemble}
     return out
+
+
+def run_metrics(algorithm, data_dir: Any, meta: dict[str, Any], names: Sequence[str], fqe_steps: int,
+                seed: int = 0) -> dict[str, list[float]]:
+    """`ope/<estimator>`: per-member values for a training run's eval point (run key `ope`); the algorithm's
+    random streams are left as they were."""
+    from .policies import LearnedPolicy
+    gamma = float(algorithm.coef("discount")[0])
+    cfg = OPESettings(estimators=tuple(names), fqe_steps=fqe_steps, seed=seed, bootstrap=0)
+    saved = algorithm.rng.get_state()
+    try:
+        res = estimate_policy(LearnedPolicy(algorithm), algorithm.norm_actions, str(data_dir), meta, gamma, cfg,
+                              algorithm.device)
+    finally:
+        algorithm.rng.set_state(saved)
+    return {f"ope/{name}": [r["value"] for r in rows] for name, rows in res["estimates"].items()}
 
 
 def _run_gamma(state: dict[str, Any], members: list[int]) -> float:

@@ -55,6 +55,12 @@ class RunConfig:
     once per run, for `diag/behavior_nll`) or 'off'."""
     diagnostics_episodes: int = 20
     """At most this many episodes (chosen by `seed`) are scored by the diagnostics."""
+    ope: tuple[str, ...] = ()
+    """Off-policy estimators to compute at each evaluation point on the dataset's held-out episodes, logged as
+    `ope/<estimator>` per member (a Tune metric for data without an environment): fqe, wis, pdwis, dr, mb
+    (rayoffline/evaluation/offpolicy.py). Each point fits FQE (and the first one the behavior/dynamics models)."""
+    ope_steps: int = 5000
+    """FQE updates per OPE point (run key `ope`)."""
     checkpoint_every: int = 10_000
     """Checkpoint every this many steps (always at the end; 0: only at the end)."""
     keep_checkpoints: int = 3
@@ -110,6 +116,11 @@ class RunConfig:
         require(self.eval_episodes >= 0, "eval_episodes", f"must be >= 0, got {self.eval_episodes}")
         require(self.diagnostics in ("off", "basic", "full"), "diagnostics",
                 f"'basic', 'full' or 'off', got {self.diagnostics!r}")
+        from ..evaluation.offpolicy import RUN_ESTIMATORS
+        bad = [x for x in self.ope if x not in RUN_ESTIMATORS]
+        require(not bad, "ope", f"unknown or unsupported estimator {bad[0]!r} (at a run's eval points: "
+                                f"{', '.join(RUN_ESTIMATORS)})" if bad else "")
+        require(self.ope_steps >= 1, "ope_steps", f"must be >= 1, got {self.ope_steps}")
         require(self.diagnostics_episodes >= 1, "diagnostics_episodes",
                 f"must be >= 1, got {self.diagnostics_episodes}")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")

@@ -21,7 +21,7 @@ import yaml
 from .. import algorithms
 from ..batch import Batch
 from ..config import to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..spec import EnvSpec
 from . import checkpoint as ckpt
 from .config import RunConfig, config_to_yaml
@@ -223,6 +223,10 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
             + f" (reward_scale: {_describe(run.reward_scale)})"
             + (f", kept from the checkpoint: this run's setting on this dataset would give {configured[0]:.6g} * r + "
                f"{configured[1]:g}" if learner.reward != configured else ""))
+    if run.ope and lead:  # fail now, not at the first eval point
+        from ..data.holdout import held_out_ids, no_split_message
+        if held_out_ids(meta) is None:
+            raise DataError(f"run key 'ope': {no_split_message(data_dir)}")
     diagnostics = make_diagnostics(run, data_dir, meta, algorithm, learner, say) if lead else None
     created = not run_dir.exists()
     fresh = spec.in_process and not spec.resume and checkpoint is None
@@ -299,6 +303,11 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
         if diagnostics is not None and (step == run.steps or (run.eval_every and step % run.eval_every == 0)):
             td = time.perf_counter()
             diag = diagnostics.run(algorithm, step)  # lead only; left out of updates/s like evaluation
+            t0 += time.perf_counter() - td
+        if lead and run.ope and (step == run.steps or (run.eval_every and step % run.eval_every == 0)):
+            td = time.perf_counter()
+            from ..evaluation.offpolicy import run_metrics
+            diag = {**diag, **run_metrics(algorithm, open_dataset(data)[0], meta, run.ope, run.ope_steps, run.seed)}
             t0 += time.perf_counter() - td
         if step % run.log_every == 0 or step == run.steps:
             metrics = learner.pop_metrics()  # the one host sync of the interval (an all-reduce across workers)

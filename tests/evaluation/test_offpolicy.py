@@ -67,3 +67,24 @@ def test_ope_errors_name_what_is_missing(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert re.search(message, err), (argv, err)
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_run_can_request_ope_metrics_at_its_eval_points(trained, tmp_path, capsys):
+    ds, _ = trained
+    run = tmp_path / "run"
+    assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "100", "--out", str(run),
+                 "--set", "eval_episodes=0", "--set", "progress=off", "--set", "algo.hidden=[32, 32]",
+                 "--set", "eval_every=50", "--set", "ope=[fqe, wis]", "--set", "ope_steps=100"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    got = {r["step"]: r for r in rows if "ope/fqe" in r}
+    assert sorted(got) == [50, 100]
+    assert all(isinstance(got[s][k], float) for s in got for k in ("ope/fqe", "ope/wis"))  # K=1: scalars
+    assert got[50]["ope/fqe"] != got[100]["ope/fqe"]
+    nosplit = tmp_path / "nosplit"
+    shutil.copytree(resolve("builtin:pendulum-medium"), nosplit)
+    assert main(["train", "--algo", "bc", "--data", str(nosplit), "--steps", "10", "--out", str(tmp_path / "r2"),
+                 "--set", "eval_episodes=0", "--set", "progress=off", "--set", "ope=[fqe]"]) == 2
+    assert "run key 'ope'" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "10", "--out", str(tmp_path / "r3"),
+                 "--set", "ope=[is]"]) == 2
+    assert "config key 'ope'" in capsys.readouterr().err
