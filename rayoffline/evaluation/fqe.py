@@ -85,7 +85,7 @@ class FQEConfig(AlgoConfig):
     dataset's rewards (an FQE built directly uses 1)."""
     reward_min: float | None = None
     """With reward_max: the smallest and largest reward of the data (fit_fqe fills both in). Every return then lies
-    in [reward_min, reward_max] / (1 - gamma), and the bootstrapped value V'(s') is clipped to that range: a
+    in [min(0, reward_min), max(0, reward_max)] / (1 - gamma), and the bootstrapped value V'(s') is clipped to that range: a
     target policy far from the data's support otherwise lets Q extrapolate without bound (measured: a negated
     CartPole policy's estimate grew to 1e6 where returns are at most 100)."""
     reward_max: float | None = None
@@ -194,8 +194,9 @@ class FQE(Algorithm):
             if self.cfg.reward_min is not None and self.cfg.reward_max is not None:
                 horizon = 1.0 / (1.0 - gamma)                                     # (K, 1)
                 c = self.reward_scale
-                next_v = torch.minimum(torch.maximum(next_v, c * self.cfg.reward_min * horizon),
-                                       c * self.cfg.reward_max * horizon)
+                # an episode may end (value 0) at any step, so 0 is inside the range whatever the rewards' sign
+                next_v = torch.minimum(torch.maximum(next_v, c * min(0.0, self.cfg.reward_min) * horizon),
+                                       c * max(0.0, self.cfg.reward_max) * horizon)
             y = self.reward_scale * b.rewards + gamma * (1.0 - b.terminations) * next_v           # (K, B)
         q = self._q(self.q_net, b.observations, b.actions)                        # (K, B)
         if self.cfg.loss == "huber":
