@@ -43,8 +43,18 @@ def _resolve_run_dir(run_dir: Path, resume: bool) -> None:
                           f"choose a new or empty directory")
 
 
+_UNKNOWN = object()
+
+
+def _split_ids(meta: dict[str, Any] | None) -> list[int]:
+    """The held-out episode ids a dataset's metadata records ([] without a split)."""
+    h = (meta or {}).get("holdout") or {}
+    return [int(i) for i in h.get("episode_ids", [])]
+
+
 def _check_data_identity(run_dir: Path, saved_data: str, given: str | None, saved_hash: str | None,
-                         allow_change: bool) -> tuple[str, str | None, dict[str, Any] | None]:
+                         allow_change: bool, saved_meta: Any = _UNKNOWN) -> tuple[str, str | None,
+                                                                                  dict[str, Any] | None]:
     """The dataset a resumed run continues on. Returns (data, its content hash, the recorded change or None).
 
     A resumed run must see the data it was trained on: the content hash recorded with the run is compared to
@@ -59,9 +69,20 @@ def _check_data_identity(run_dir: Path, saved_data: str, given: str | None, save
                               f"--resume --data NEW_PATH") from None
         raise
     new_hash = meta.get("content_hash")
+    where = f"{data}" if given is None else f"--data {data}"
+    if saved_meta is not _UNKNOWN and _split_ids(saved_meta) != _split_ids(meta) and \
+            (saved_hash is None or new_hash == saved_hash):
+        # same transitions, another held-out split (`data split --replace`, or a split made after the run began):
+        # training would now sample other episodes
+        before, after = len(_split_ids(saved_meta)), len(_split_ids(meta))
+        if not allow_change:
+            raise ConfigError(f"--resume: {where}'s held-out split has changed since {run_dir} was trained on it "
+                              f"({before} -> {after} held-out episodes): training would sample other episodes; pass "
+                              f"--allow-data-change to continue (recorded in config.yaml), or start a new run")
+        return data, new_hash, {"from_hash": saved_hash, "to_hash": new_hash, "data": data,
+                                "held_out_episodes": [before, after]}
     if saved_hash is None or new_hash == saved_hash:
         return data, new_hash, None
-    where = f"{data}" if given is None else f"--data {data}"
     if not allow_change:
         raise ConfigError(
             f"--resume: {where} has changed since {run_dir} was trained on it (content hash {new_hash[:12]} != "
@@ -171,14 +192,17 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         algo = saved_algo
         cfg = build_config(algo, sc, extra, steps=steps)
         found = ckpt.list_checkpoints(run_dir)
+        saved_meta: Any = _UNKNOWN
         if found:  # else the run crashed before its first checkpoint: start it again from step 0
             state_path = found[-1]
             state = ckpt.load(state_path)
+            saved_meta = state.get("metadata")
             if state["algo"] != algo:
                 raise CheckpointError(f"{state_path}: checkpoint is for '{state['algo']}', config says '{algo}'")
             start = int(state["step"])
             saved_hash = (state.get("metadata") or {}).get("content_hash", saved_hash)
-        data, data_hash, change = _check_data_identity(run_dir, saved_data, data, saved_hash, allow_data_change)
+        data, data_hash, change = _check_data_identity(run_dir, saved_data, data, saved_hash, allow_data_change,
+                                                       saved_meta)
         if change is not None:
             history.append({"step": start, **change})
         if cfg["run"].steps < start:

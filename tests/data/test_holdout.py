@@ -146,3 +146,15 @@ def test_convert_with_holdout_matches_a_later_split(tmp_path, capsys):
     assert split(later, 0.1, seed=7)["holdout"] == json.loads((out / "_rayoffline.json").read_text())["holdout"]
     assert main(["data", "convert", "builtin:cartpole-medium", "--out", str(tmp_path / "bad"), "--holdout", "0"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_resume_refuses_a_split_made_after_the_run_began(ds, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["--set", "eval_episodes=0", "--set", "progress=off", "--set", "algo.hidden=[16]",
+            "--set", "diagnostics=off", "--set", "checkpoint_every=10"]
+    assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "10", "--out", str(run)] + base) == 0
+    split(ds, 0.1)
+    assert main(["train", "--resume", "--out", str(run), "--steps", "20"]) == 2
+    assert "held-out split has changed" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run), "--steps", "20", "--allow-data-change"]) == 0
+    assert "held_out_episodes" in (run / "config.yaml").read_text()
