@@ -171,7 +171,7 @@ def convert(source: str, out: str | os.PathLike, shards: int | None = None, mapp
             partitions=[part])
         if holdout is not None:
             from .holdout import extend
-            meta["holdout"] = extend(meta, [stage / "part-00000" / f for f in part["files"]], holdout, holdout_seed)
+            meta["holdout"] = extend([stage / "part-00000" / f for f in part["files"]], holdout, holdout_seed)
         write_metadata(stage, meta)
         if tmp is not None:
             if out_loc.exists():
@@ -288,7 +288,7 @@ def _append_locked(source: str, root: Location, mapping: dict[str, str] | None, 
         if meta.get("holdout"):  # the new partition is split as the dataset's first ones were
             from .holdout import extend
             h = meta["holdout"]
-            new_meta["holdout"] = extend(new_meta, [tmp / f for f in part["files"]], float(h["fraction"]),
+            new_meta["holdout"] = extend([tmp / f for f in part["files"]], float(h["fraction"]),
                                          int(h.get("seed", 0)), h)
         if tmp is not final:
             if final.exists():

@@ -100,7 +100,7 @@ def episode_index(files: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     return ids, counts
 
 
-def extend(meta: dict[str, Any], partition_files: Sequence[Any], fraction: float, seed: int,
+def extend(partition_files: Sequence[Any], fraction: float, seed: int,
            previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """The `holdout` entry after splitting one more partition (its Parquet files) and adding it to `previous`."""
     ids, counts = episode_index(partition_files)
@@ -140,7 +140,7 @@ def split(path: str | os.PathLike, fraction: float, seed: int = 0, replace: bool
         by_part.setdefault(name, []).append(f)
     entry: dict[str, Any] | None = None
     for p in meta["partitions"]:
-        entry = extend(meta, by_part.get(p["name"], []), fraction, seed, entry)
+        entry = extend(by_part.get(p["name"], []), fraction, seed, entry)
     if entry is None or entry["num_episodes"] == 0:
         raise DataError(f"{root}: too few episodes to hold any out ({meta.get('num_episodes')} episodes; a partition "
                         f"needs at least 2)")
@@ -209,9 +209,6 @@ class EpisodeRows:
     def mask(self) -> np.ndarray:
         t = int(self.lengths.max()) if len(self.lengths) else 0
         return np.arange(t)[None, :] < self.lengths[:, None]
-
-    def first_rows(self) -> np.ndarray:
-        return self.starts
 
 
 def discounted_to_go(rewards: np.ndarray, starts: np.ndarray, lengths: np.ndarray, gamma: float) -> np.ndarray:

@@ -37,8 +37,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, ConfigError, DataError
-from .ope import ESTIMATORS as IS_FAMILY, Episodes, estimate
+from ..errors import ConfigError, DataError
+from .ope import ESTIMATORS as IS_FAMILY, Episodes, estimate, percentile_interval
 
 ESTIMATORS = ("fqe",) + IS_FAMILY + ("mb",)
 DEFAULT_ESTIMATORS = ("fqe", "wis", "pdwis", "dr", "mb")
@@ -112,8 +112,7 @@ def _interval(values: np.ndarray, bootstrap: int, level: float, seed: int) -> tu
     n = len(values)
     rng = np.random.default_rng(seed)
     draws = values[rng.integers(0, n, (bootstrap, n))].mean(1) if bootstrap > 0 else np.array([values.mean()])
-    a = (1.0 - level) / 2
-    return float(values.mean()), float(np.quantile(draws, a)), float(np.quantile(draws, 1 - a))
+    return (float(values.mean()), *percentile_interval(draws, level))
 
 
 def _chunks(n: int, size: int = 32_768):
@@ -144,7 +143,10 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
                           f"model fitted to the data (--estimators wis,pdwis,dr)")
     if held_out_ids(meta) is None:
         raise DataError(no_split_message(data_dir))
-    ep = load_episodes(data_dir, "holdout", device=device)
+    content = meta.get("content_hash")
+    split_key = tuple(held_out_ids(meta).tolist())
+    ep = _cached(("holdout", content, split_key, str(device)),  # a run's eval points reuse it
+                 lambda: load_episodes(data_dir, "holdout", device=device))
     b = ep.batch
     n, k = len(ep.step), policy.K
     last = ep.starts + ep.lengths - 1
@@ -156,8 +158,6 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
     out: dict[str, Any] = {"holdout": {"episodes": int(ep.num_episodes), "transitions": n, "mc_return": mc,
                                        "mc_low": mc_low, "mc_high": mc_high, "gamma": gamma},
                            "estimates": {}, "models": {}}
-    content = meta.get("content_hash")
-    split_key = tuple(held_out_ids(meta).tolist())
     acts = norm_actions(b.actions.to(device))
 
     fqe = None
@@ -170,7 +170,8 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
                       config=FQEConfig(**{**settings.fqe, "discount": gamma}), device=device)
         del full
         v_all = _rows(lambda sl: fqe.value(b.observations[sl]), n)                   # (K, n)
-        v_end = _rows(lambda sl: fqe.value(b.next_observations[torch.as_tensor(last)][sl]), len(last))  # (K, E)
+        end_obs = b.next_observations[torch.as_tensor(last)]                          # (E, obs)
+        v_end = _rows(lambda sl: fqe.value(end_obs[sl]), len(last))                    # (K, E)
         tail = tail_discount[None, :] * v_end                                          # (K, E)
         if "fqe" in names:
             per_ep = v_all[:, ep.starts] - tail                                        # (K, E)
@@ -183,16 +184,17 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
     is_names = [x for x in names if x in ("wis", "pdwis", "dr")]
     if is_names:
         from .behavior import default_steps, fit_behavior, held_out_nll
-        train = load(data_dir, part="train", device=device)
-        steps = settings.behavior_steps or default_steps(int(train.rewards.shape[0]), settings.batch_size)
+        held = meta.get("holdout") or {}
+        rows = int(meta["num_transitions"]) - int(held.get("num_transitions", 0))  # the training part's size
+        steps = settings.behavior_steps or default_steps(rows, settings.batch_size)
 
-        def fit():
+        def fit():  # the training part is read only when no fitted model is cached
             say(f"ope: fitting the behavior model, {steps} steps")
+            train = load(data_dir, part="train", device=device)
             return fit_behavior(train, meta, steps, batch_size=settings.batch_size, seeds=(settings.seed,),
                                 device=device)
         behavior = _cached(("behavior", content, split_key, steps, settings.batch_size, settings.seed, str(device)),
                            fit)
-        del train
         out["models"]["behavior"] = {"steps": steps, "held_out_nll": float(held_out_nll(behavior, b)[0])}
         logp_b = _rows(lambda sl: behavior.log_prob(b.observations[sl], acts[sl]), n)[0]       # (n,)
         logp_e = _rows(lambda sl: policy.log_prob(b.observations[sl], acts[sl]), n)            # (K, n)
@@ -369,8 +371,3 @@ def format_table(out: dict[str, Any]) -> str:
                      ", ".join(f"{x:.3g}" for x in d if x is not None and math.isfinite(x)))
     return "\n".join(lines)
 
-
-def check_run_dir(run_dir: str | Path) -> None:
-    p = Path(run_dir)
-    if not p.is_dir():
-        raise CheckpointError(f"run directory {p} does not exist" if not p.exists() else f"{p}: not a directory")

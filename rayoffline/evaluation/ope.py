@@ -175,6 +175,15 @@ def effective_sample_size(ep: Episodes) -> float:
     return float(w.sum()) ** 2 / s2 if s2 > 0 else 0.0
 
 
+def percentile_interval(draws: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` interval of bootstrap draws (non-finite draws left out; NaNs when none is left)."""
+    draws = draws[np.isfinite(draws)]
+    alpha = (1.0 - level) / 2
+    if not draws.size:
+        return float("nan"), float("nan")
+    return float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))
+
+
 def estimate(name: str, ep: Episodes, gamma: float, bootstrap: int = 1000, level: float = 0.95, seed: int = 0,
              min_ess: float = 10.0) -> Estimate:
     """Estimator `name` (one of ESTIMATORS) with its bootstrap interval over episodes, and for the IS family the
@@ -189,10 +198,7 @@ def estimate(name: str, ep: Episodes, gamma: float, bootstrap: int = 1000, level
     n = ep.rewards.shape[0]
     rng = np.random.default_rng(seed)
     draws = np.array([fn(ep.take(rng.integers(0, n, n)), gamma) for _ in range(bootstrap)])
-    draws = draws[np.isfinite(draws)]
-    alpha = (1.0 - level) / 2
-    low, high = (float(np.quantile(draws, alpha)), float(np.quantile(draws, 1 - alpha))) if draws.size else \
-        (float("nan"), float("nan"))
+    low, high = percentile_interval(draws, level)
     ess = effective_sample_size(ep)
     warning = None
     if ess < min_ess:

@@ -288,6 +288,10 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
     t0, s0 = time.perf_counter(), start
     first_update_s = None
     compile_s = 0.0
+    ope_dir = None  # off-policy estimates at the eval points (run key `ope`), on the lead rank
+    if lead and run.ope:
+        from ..evaluation.offpolicy import run_metrics
+        ope_dir = open_dataset(data)[0]
     for step in range(start + 1, run.steps + 1):
         logged: dict[str, Any] = {}
         written: Path | None = None
@@ -300,14 +304,14 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
         if first_update_s is None and spec_submitted:
             first_update_s = time.time() - spec_submitted
         diag: dict[str, Any] = {}
-        if diagnostics is not None and (step == run.steps or (run.eval_every and step % run.eval_every == 0)):
+        at_eval = step == run.steps or bool(run.eval_every and step % run.eval_every == 0)
+        if diagnostics is not None and at_eval:
             td = time.perf_counter()
             diag = diagnostics.run(algorithm, step)  # lead only; left out of updates/s like evaluation
             t0 += time.perf_counter() - td
-        if lead and run.ope and (step == run.steps or (run.eval_every and step % run.eval_every == 0)):
+        if ope_dir is not None and at_eval:
             td = time.perf_counter()
-            from ..evaluation.offpolicy import run_metrics
-            diag = {**diag, **run_metrics(algorithm, open_dataset(data)[0], meta, run.ope, run.ope_steps, run.seed)}
+            diag = {**diag, **run_metrics(algorithm, ope_dir, meta, run.ope, run.ope_steps, run.seed)}
             t0 += time.perf_counter() - td
         if step % run.log_every == 0 or step == run.steps:
             metrics = learner.pop_metrics()  # the one host sync of the interval (an all-reduce across workers)
@@ -333,9 +337,7 @@ def _drive(run_dir: Path, cfg: dict[str, Any], run: RunConfig, data: str, meta: 
             if ctx.report is not None:
                 ctx.report(step, last_metrics, path)
             t0 += time.perf_counter() - tc
-        evaluate_now = lead and run.eval_episodes > 0 and (
-            step == run.steps or (run.eval_every and step % run.eval_every == 0))
-        if evaluate_now:
+        if lead and run.eval_episodes > 0 and at_eval:
             te = time.perf_counter()
             last_eval = _evaluate_aside(algorithm, meta, run.eval_episodes, run.seed)
             row = {"eval/return_mean": last_eval["return_mean"], "eval/return_std": last_eval["return_std"],
