@@ -50,6 +50,11 @@ Episode ends (the contract every learner relies on):
   How many rows were dropped is said in a `DataWarning` (the CLI prints it) and kept in the partition's
   `notes` in the metadata. Blocks never split an episode, so this is the same per block as for the whole.
 
+Logged action probabilities: when the source has them (schema.py: `action_logp`), they travel with their rows
+through all of the above (ordering, dropped rows) into the optional `action_logp` column, and into the content
+hash; a partition records `"action_logp": true`, and the dataset does when every partition has them (`append`
+warns when it mixes partitions with and without).
+
 Spaces: Minari datasets (and converted directories) carry theirs. Otherwise, with `env_id` (or an env id in
 the HDF5 attributes) whose env gymnasium can make, the env's spaces are used; else they are inferred:
 observations Box(-inf, inf); integer actions Discrete(max + 1); float actions Box([-1, 1]) when every action
@@ -72,7 +77,7 @@ import numpy as np
 from ..errors import DataError, RayOfflineError, DataWarning
 from .metadata import (Moments, build_metadata, episode_returns, partition_hash, piece_digest, piece_rows,
                        pool_moments, read_metadata, write_metadata)
-from .schema import COLUMNS
+from .schema import COLUMNS, OPTIONAL_COLUMNS
 from .sources import Block, Chunk, SourceData, SourcePlan, plan_source, read_block
 from .storage import Location, locate, open_parquet
 
@@ -267,6 +272,9 @@ def _append_locked(source: str, root: Location, mapping: dict[str, str] | None, 
                             f"{p['name']} (from {p.get('source')}, same content hash {part_hash[:12]}); appending "
                             f"them again would count those episodes twice - pass --allow-duplicate "
                             f"(allow_duplicate=True) if that is what you want")
+        others = [p["name"] for p in meta["partitions"] if bool(p.get("action_logp")) != bool(res.action_logp)]
+        if others:  # a mix: the dataset as a whole has no logged probabilities (schema.py)
+            res.notes.append(_logp_note(res.source_id, name, bool(res.action_logp), others))
         part = res.partition(name)
         if same:
             part["duplicate_of"] = same[0]["name"]
@@ -284,7 +292,8 @@ def _append_locked(source: str, root: Location, mapping: dict[str, str] | None, 
             ref_min_score=meta.get("ref_min_score"), ref_max_score=meta.get("ref_max_score"),
             partitions=list(meta["partitions"]) + [part])
         for k, v in meta.items():  # keep keys we do not manage (written by newer code or by hand)
-            new_meta.setdefault(k, v)
+            if k != "action_logp":  # build_metadata decides it from the partitions
+                new_meta.setdefault(k, v)
         if meta.get("holdout"):  # the new partition is split as the dataset's first ones were
             from .holdout import extend
             h = meta["holdout"]
@@ -303,6 +312,16 @@ def _append_locked(source: str, root: Location, mapping: dict[str, str] | None, 
         raise
     _warn(res.notes)
     return new_meta
+
+
+def _logp_note(source_id: str, name: str, has: bool, others: list[str]) -> str:
+    """What appending a partition with (or without) logged action probabilities to a dataset whose partitions
+    `others` lack (have) them means (schema.py): the dataset as a whole no longer has them."""
+    listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+    which = (f"with logged action probabilities (column action_logp), but partition(s) {listed} have none" if has
+             else f"without logged action probabilities, but partition(s) {listed} have them (column action_logp)")
+    return (f"{source_id}: appended as {name} {which}; nothing is filled in, so the dataset as a whole has none now: "
+            f"off-policy evaluation fits a behavior model (wis, pdwis, dr) and refuses is and pdis")
 
 
 def _warn(notes: list[str]) -> None:
@@ -445,8 +464,14 @@ def _check_block(data: SourceData, obs_space: dict | None, act_space: dict | Non
             raise DataError(f"action space changes between files: {first.file} has {_kind(first)} actions in "
                             f"column {first.columns['actions']!r}, {c.file} has {_kind(c)} in column "
                             f"{c.columns['actions']!r}")
+    for c in chunks[1:]:
+        if (c.action_logp is None) != (first.action_logp is None):
+            a, b = (first, c) if c.action_logp is None else (c, first)
+            raise DataError(f"{b.file}: has no logged action probabilities but {a.file} has them (column "
+                            f"{a.columns['action_logp']!r}); all files need the same columns")
     info: dict[str, Any] = {"file": first.file, "obs_column": first.columns["observations"], "obs_dim": d0,
-                            "act_column": first.columns["actions"], "kind": _kind(first), "discrete": first.discrete}
+                            "act_column": first.columns["actions"], "kind": _kind(first), "discrete": first.discrete,
+                            "logp_column": first.columns.get("action_logp") if first.action_logp is not None else None}
     if obs_space is not None:
         want_d = int(np.prod(obs_space["shape"]))
         if want_d != d0:
@@ -483,6 +508,11 @@ def _check_blocks_agree(first: dict, other: dict) -> None:
         raise DataError(f"action space changes between files: {first['file']} has {first['kind']} actions in "
                         f"column {first['act_column']!r}, {other['file']} has {other['kind']} in column "
                         f"{other['act_column']!r}")
+    if (other["logp_column"] is None) != (first["logp_column"] is None):
+        a, b = (first, other) if other["logp_column"] is None else (other, first)
+        raise DataError(f"{b['file']}: has no logged action probabilities but {a['file']} has them (column "
+                        f"{a['logp_column']!r}); all files need the same columns (convert them separately and "
+                        f"`rayoffline data append` the others)")
 
 
 def _infer_spaces(spaces: _Spaces, infos: list[dict]) -> tuple[dict, dict]:
@@ -525,6 +555,7 @@ def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int, tuple[int, 
     term = _cat([c.terminations for c in chunks]).copy()
     trunc = _cat([c.truncations for c in chunks]).copy()
     nxt = None if derive else _cat([c.next_observations for c in chunks])
+    logp = _cat([c.action_logp for c in chunks]) if chunks[0].action_logp is not None else None
     key = _cat([c.episode_key for c in chunks])
     n = len(rew)
     src_chunk = np.repeat(np.arange(len(chunks), dtype=np.int32), [len(c) for c in chunks])
@@ -545,6 +576,8 @@ def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int, tuple[int, 
         src_chunk, src_row = src_chunk[perm], src_row[perm]
         if nxt is not None:
             nxt = nxt[perm]
+        if logp is not None:
+            logp = logp[perm]
 
     is_last = np.ones(n, dtype=bool)
     is_last[:-1] = eid[1:] != eid[:-1]
@@ -578,6 +611,8 @@ def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int, tuple[int, 
             keep = ~drop
             obs, act, rew, nxt, term, trunc, eid = (obs[keep], act[keep], rew[keep], nxt[keep], term[keep],
                                                     trunc[keep], eid[keep])
+            if logp is not None:
+                logp = logp[keep]
         n = len(rew)
         is_last = np.ones(n, dtype=bool)
         is_last[:-1] = eid[1:] != eid[:-1]
@@ -593,7 +628,9 @@ def _assemble(data: SourceData) -> tuple[dict[str, np.ndarray], int, tuple[int, 
             "rewards": np.ascontiguousarray(rew), "next_observations": np.ascontiguousarray(nxt),
             "terminations": np.ascontiguousarray(term), "truncations": np.ascontiguousarray(trunc),
             "episode_id": episode_id, "step": step}
-    assert tuple(cols) == COLUMNS
+    if logp is not None:  # the optional column, after the schema's (schema.py)
+        cols["action_logp"] = np.ascontiguousarray(logp, dtype=np.float32)
+    assert tuple(cols) == COLUMNS + (("action_logp",) if logp is not None else ())
     return cols, len(starts), drops
 
 
@@ -699,9 +736,12 @@ class _Result:
         self.__dict__.update(kw)
 
     def partition(self, name: str) -> dict[str, Any]:
-        return {"name": name, "source": self.source_id, "files": self.files, "num_transitions": int(self.rows),
-                "num_episodes": int(len(self.returns)), "content_hash": self.content_hash,
-                "hash_piece_rows": int(self.piece_rows), "notes": list(self.notes)}
+        out = {"name": name, "source": self.source_id, "files": self.files, "num_transitions": int(self.rows),
+               "num_episodes": int(len(self.returns)), "content_hash": self.content_hash,
+               "hash_piece_rows": int(self.piece_rows), "notes": list(self.notes)}
+        if self.action_logp:  # only then: metadata of data without the column is what it always was
+            out["action_logp"] = True
+        return out
 
 
 def _local_write_max_bytes() -> int:
@@ -789,6 +829,7 @@ class _Pipeline:
         notes = [_drop_note(source_id, *map(int, self.drops))] if self.any_drops and self.drops[0] else []
         obs_space, act_space = _infer_spaces(self.spaces, self.infos)
         return _Result(source_id=source_id, obs_space=obs_space, act_space=act_space, rows=self.rows,
+                       action_logp=self.infos[0]["logp_column"] is not None,
                        returns=np.concatenate(self.returns), lengths=np.concatenate(self.lengths),
                        terminations=self.terms, truncations=self.truncs, obs=self.obs, rew=self.rew, notes=notes,
                        files=names, piece_rows=self.piece_rows,
@@ -914,7 +955,7 @@ def _numpy_columns(t, ep0: int) -> dict[str, np.ndarray]:
     import pyarrow as pa
 
     out = {}
-    for name in COLUMNS:
+    for name in COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in t.column_names):
         col = t.column(name)
         arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         if pa.types.is_fixed_size_list(arr.type):

@@ -16,7 +16,8 @@ without touching the earlier choice. The metadata records the result, so readers
 Readers: `rayoffline.data.load`, `iter_chunks` (hence out-of-core windows) and every training path behind them
 read the `episode_id` column along with the Batch columns when the metadata has a split and drop the held-out
 rows (`part="train"`, the default); OPE and the diagnostics read `part="holdout"` with `load_episodes`, which
-also keeps each row's episode id and step and orders the rows by episode.
+also keeps each row's episode id and step, orders the rows by episode, and returns the behavior policy's logged
+log-probabilities (`action_logp`, schema.py) when every partition of the dataset has them (None otherwise).
 
 Dataset statistics (observation mean/std, return statistics) stay those of the whole dataset: they normalize
 inputs and describe the data; the split is about which transitions the losses see.
@@ -188,6 +189,9 @@ class EpisodeRows:
     """(E,) row where each episode begins."""
     lengths: np.ndarray
     """(E,) rows of each episode."""
+    action_logp: np.ndarray | None = None
+    """(N,) float32: the behavior policy's logged log-probability (discrete) or log-density (continuous, of the
+    dataset's actions in their own units) of each row's action (schema.py), or None: the dataset has none."""
 
     @property
     def num_episodes(self) -> int:
@@ -223,21 +227,24 @@ def discounted_to_go(rewards: np.ndarray, starts: np.ndarray, lengths: np.ndarra
 
 def load_episodes(path: str | os.PathLike, part: str = "holdout", device: "torch.device | str" = "cpu",
                   max_episodes: int | None = None, seed: int = 0) -> EpisodeRows:
-    """The episodes of `part` ('holdout', 'train' or 'all') with their ids and steps, ordered by (episode, step).
+    """The episodes of `part` ('holdout', 'train' or 'all') with their ids and steps, ordered by (episode, step),
+    and the logged log-probabilities of their actions when every partition has them (EpisodeRows.action_logp).
     max_episodes: keep at most this many (chosen at random by `seed`, then in id order)."""
     import pyarrow as pa
     import torch
 
     from ..batch import Batch
     from .load import FIELDS, _fill, _layout, _read_segment, _root, load_metadata, shard_plan
+    from .metadata import has_action_logp
 
     root = _root(path)
     meta = load_metadata(root)
     held = check_part(part, meta, root)
     layout = _layout(meta, root)
+    logged = has_action_logp(meta)
     tables, ids, steps = [], [], []
     for seg in shard_plan(root, 0, 1, meta):
-        table = _read_segment(seg, list(FIELDS) + ["episode_id", "step"])
+        table = _read_segment(seg, list(FIELDS) + ["episode_id", "step"] + (["action_logp"] if logged else []))
         eid = table.column("episode_id").to_numpy()
         m = keep_mask(eid, held, part) if held is not None else None
         if m is not None:
@@ -262,6 +269,7 @@ def load_episodes(path: str | os.PathLike, part: str = "holdout", device: "torch
     pos = 0
     for seg, t in tables:
         pos += _fill(out, pos, t, seg.path, seg.start)
+    logp = _logp_column(tables) if logged else None
     order = np.lexsort((st, eid))
     arrays = {k: v[order] for k, v in out.items()}
     eid, st = eid[order], st[order]
@@ -270,4 +278,23 @@ def load_episodes(path: str | os.PathLike, part: str = "holdout", device: "torch
     new_ep = np.flatnonzero(np.r_[True, eid[1:] != eid[:-1]])
     lengths = np.diff(np.r_[new_ep, len(eid)])
     batch = Batch(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()})
-    return EpisodeRows(batch, eid, st, new_ep, lengths)
+    return EpisodeRows(batch, eid, st, new_ep, lengths, None if logp is None else logp[order])
+
+
+def _logp_column(tables: list) -> np.ndarray:
+    """The `action_logp` column of (segment, table) pairs as one (N,) float32 array, checked: no nulls, finite."""
+    import pyarrow as pa
+
+    parts = []
+    for seg, t in tables:
+        col = t.column("action_logp")
+        if col.null_count or not pa.types.is_floating(col.type):
+            raise DataError(f"{seg.path}: column 'action_logp' has type {col.type}"
+                            + (f" and {col.null_count} null(s)" if col.null_count else "")
+                            + "; expected float32 log-probabilities without nulls (schema.py); re-convert the source")
+        a = col.to_numpy().astype(np.float32, copy=False)
+        if not np.isfinite(a).all():
+            raise DataError(f"{seg.path}: column 'action_logp' holds {int((~np.isfinite(a)).sum())} value(s) that are "
+                            f"not finite (e.g. {a[~np.isfinite(a)][0]}); re-convert the source")
+        parts.append(a)
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)

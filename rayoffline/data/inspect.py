@@ -220,6 +220,12 @@ def _text(root: Path | str, s: dict[str, Any]) -> str:
                          f"{span:>6} {cov:>7}")
             if a["outside"]:
                 lines.append(f"       {a['outside']} actions outside [low, high]")
+    parts = meta.get("partitions") or []
+    with_logp = sum(1 for p in parts if p.get("action_logp"))
+    if with_logp:
+        lines.append("logged action probabilities (action_logp): " + (
+            "every partition" if with_logp == len(parts) else
+            f"{with_logp} of {len(parts)} partitions only (off-policy evaluation fits a behavior model)"))
     obs_dim = len(s["obs_min"])
     lines.append(f"observations Box({obs_dim})" + (f"  (first {_MAX_OBS_ROWS} dims)" if obs_dim > _MAX_OBS_ROWS
                                                    else ""))

@@ -289,7 +289,7 @@ def build_metadata(*, source: str, env_id: str | None, env_spec: str | None, obs
                    reward_std: float, ref_min_score, ref_max_score, partitions: list[dict]) -> dict[str, Any]:
     """The metadata in schema.py's key order. `returns`/`lengths`: one entry per episode of every partition."""
     ret, length = episode_stats_from(returns, lengths)
-    return {
+    out = {
         "schema_version": SCHEMA_VERSION,
         "source": source,
         "content_hash": combine_hashes([p["content_hash"] for p in partitions]),
@@ -309,5 +309,14 @@ def build_metadata(*, source: str, env_id: str | None, env_spec: str | None, obs
         "reward_std": float(reward_std),
         "ref_min_score": None if ref_min_score is None else float(ref_min_score),
         "ref_max_score": None if ref_max_score is None else float(ref_max_score),
-        "partitions": partitions,
     }
+    if partitions and all(p.get("action_logp") for p in partitions):
+        out["action_logp"] = True
+    out["partitions"] = partitions
+    return out
+
+
+def has_action_logp(meta: dict[str, Any]) -> bool:
+    """Whether every partition of the dataset has the logged log-probability column `action_logp` (schema.py)."""
+    parts = meta.get("partitions") or []
+    return bool(meta.get("action_logp")) and bool(parts) and all(p.get("action_logp") for p in parts)

@@ -3,7 +3,9 @@
 A reader turns one input file (or one Minari dataset) into a `Chunk`: whole numpy columns in the file's
 own row order, already checked for dtype, shape, nulls and non-finite values, each error naming the file,
 the column and the row. The converter then checks the chunks against each other and against the action
-space, and assembles episodes (`rayoffline.data.convert`). Messages say how they count: "row 37 (0-based)" for
+space, and assembles episodes (`rayoffline.data.convert`). A chunk may carry the behavior policy's logged
+log-probabilities of its actions (`action_logp`, schema.py), read from a log-probability or a probability column
+(`as_action_logp`). Messages say how they count: "row 37 (0-based)" for
 Parquet and HDF5, "line 39" of the file for CSV (the header is line 1), "episode 3, step 5" for Minari.
 """
 from __future__ import annotations
@@ -17,6 +19,9 @@ from ...errors import DataError
 
 FIELDS = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations",
           "episode_id", "step")
+LOGP_FIELDS = ("action_logp", "action_prob")
+"""Optional fields that become the `action_logp` column: a log-probability, or a probability (its log is stored).
+At most one of them per source."""
 
 
 def describe_row(row: int) -> str:
@@ -61,6 +66,9 @@ class Chunk:
     """(n,) int64 position within the episode (a `step`/`t` column), or None: the file's row order."""
     describe: Callable[[int], str] = describe_row
     """Row index -> where it is in the source ("row 17", "episode 3, step 5")."""
+    action_logp: np.ndarray | None = None
+    """(n,) float32 log-probability (discrete) or log-density (continuous) of each logged action under the
+    behavior policy, or None: the source has none (schema.py)."""
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -260,3 +268,51 @@ def check_lengths(file: str, lengths: dict[str, int]) -> None:
         desc = ", ".join(f"{k!r}: {v}" for k, v in lengths.items())
         raise DataError(f"{file}: columns have different numbers of rows ({desc}); every column needs one "
                         f"entry per transition")
+
+
+LOGP_TOLERANCE = 1e-5
+"""A discrete action's logged probability may exceed 1 by this much (float32 round-off in the logging code);
+its log-probability may exceed 0 by as much."""
+
+
+def as_action_logp(arr: np.ndarray, file: str, column: str, field: str, discrete: bool,
+                   describe: Callable[[int], str] = describe_row) -> np.ndarray:
+    """The behavior policy's logged log-probabilities as (n,) float32, from a column mapped to `field`
+    (`action_logp`: log-probabilities as they are; `action_prob`: probabilities, logged here). Errors name the
+    first bad row: a non-number, NaN or inf, a probability <= 0 (the behavior policy could not have taken the
+    action), or for discrete actions a probability above 1."""
+    arr = np.asarray(arr)
+    check_numeric(arr, file, column)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise DataError(f"{file}: column {column!r} ({field}) has shape {arr.shape[1:]} per row but must hold one "
+                        f"number per row: the {'log-' if field == 'action_logp' else ''}probability of the logged "
+                        f"action (of the whole action, not per dimension)")
+    x = np.ascontiguousarray(arr, dtype=np.float64)
+    check_finite(x, file, column, describe)
+    what = "a discrete action's probability" if discrete else "a density"
+    if field == "action_prob":
+        bad = (x <= 0) | ((x > 1 + LOGP_TOLERANCE) if discrete else False)
+        if bad.any():
+            r = first_true(bad)
+            why = ("is <= 0: the behavior policy could not have taken the logged action" if x[r] <= 0
+                   else "is above 1, impossible for a discrete action's probability")
+            raise DataError(f"{file}: column {column!r} (action_prob) holds {float(x[r])!r} at {describe(r)}, which "
+                            f"{why} ({int(bad.sum())} row(s) affected); fix the column, or map log-probabilities "
+                            f"with --map action_logp=COLUMN")
+        with np.errstate(divide="ignore"):
+            x = np.log(x)
+    elif discrete:
+        bad = x > LOGP_TOLERANCE
+        if bad.any():
+            r = first_true(bad)
+            raise DataError(f"{file}: column {column!r} (action_logp) holds {float(x[r])!r} at {describe(r)}: a log-"
+                            f"probability above 0, impossible for {what} ({int(bad.sum())} row(s) affected); is it "
+                            f"a probability? Map it with --map action_prob={column}")
+    out = x.astype(np.float32)
+    if not np.isfinite(out).all():  # a tiny probability or a huge log-density beyond float32
+        r = first_true(~np.isfinite(out))
+        raise DataError(f"{file}: column {column!r} ({field}) at {describe(r)}: log-probability {float(x[r])!r} "
+                        f"does not fit in float32; fix the column")
+    return out

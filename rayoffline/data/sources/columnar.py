@@ -15,6 +15,11 @@ Required: observations, actions, rewards, terminations. Optional:
                      truncation; present -> any type (ints, RLlib's uuid strings); equal ids in different
                      files are one episode (RLlib writes long episodes in several chunks)
   step               absent -> row order; present -> rows of an episode are ordered by it (RLlib's `t`)
+  action_logp        the behavior policy's log-probability (discrete) or log-density (continuous) of the logged
+                     action, one number per row (schema.py); absent -> a column `action_logp` (RLlib's new API
+                     stack records it with its extra model outputs), else `action_prob` (older RLlib stacks), else
+                     none. Or map `action_prob=COLUMN` for probabilities (their log is stored; a probability <= 0,
+                     or above 1 for a discrete action, is an error). Never both.
 
 RLlib compresses `obs`/`new_obs` by default (`output_compress_columns`): base64 strings of LZ4-compressed
 pickles. They are decoded row by row (the only per-row Python in the converters) with `pickle` - only convert
@@ -30,9 +35,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ...errors import DataError
-from ._common import (FIELDS, Chunk, RowDescriber, SourceData, as_actions, as_flags, as_next_observations,
-                      as_observations, as_rewards, check_finite, check_lengths, choose_cuts, describe_row,
-                      episode_keys_from_flags)
+from ._common import (FIELDS, LOGP_FIELDS, Chunk, RowDescriber, SourceData, as_action_logp, as_actions, as_flags,
+                      as_next_observations, as_observations, as_rewards, check_finite, check_lengths, choose_cuts,
+                      describe_row, episode_keys_from_flags)
 
 RLLIB_COLUMNS = {"observations": "obs", "actions": "actions", "rewards": "rewards", "next_observations": "new_obs",
                  "terminations": "terminateds", "truncations": "truncateds", "episode_id": "eps_id", "step": "t"}
@@ -61,8 +66,9 @@ def check_mapping(mapping: dict[str, Any] | None) -> dict[str, Any]:
     """FIELD -> COLUMN (a name or PREFIX_*) or a list of column names (stacked into a vector, in that order)."""
     mapping = dict(mapping or {})
     for k, v in mapping.items():
-        if k not in FIELDS:
-            raise DataError(f"column mapping {k}={v}: unknown field {k!r}; fields are {', '.join(FIELDS)}")
+        if k not in FIELDS + LOGP_FIELDS:
+            raise DataError(f"column mapping {k}={v}: unknown field {k!r}; fields are "
+                            f"{', '.join(FIELDS + LOGP_FIELDS)}")
         if isinstance(v, (list, tuple)):
             if not v or not all(isinstance(c, str) and c for c in v):
                 raise DataError(f"column mapping {k}={v!r}: a column list needs one or more non-empty names")
@@ -75,6 +81,9 @@ def check_mapping(mapping: dict[str, Any] | None) -> dict[str, Any]:
             mapping[k] = list(v)
         elif not isinstance(v, str) or not v:
             raise DataError(f"column mapping {k}={v!r}: empty column name")
+    if all(f in mapping for f in LOGP_FIELDS):
+        raise DataError(f"column mapping action_logp={mapping['action_logp']}, action_prob={mapping['action_prob']}: "
+                        f"map one of them (log-probabilities or probabilities of the logged actions), not both")
     return mapping
 
 
@@ -132,6 +141,20 @@ def resolve_mapping(file: str, names: list[str], mapping: dict[str, str]) -> tup
                 raise DataError(f"{file}: column {spec!r} (mapped to {f}) not found; columns present: "
                                 f"{', '.join(names)}")
             out[f] = spec
+    mapped = [f for f in LOGP_FIELDS if f in mapping]
+    if mapped:
+        f, col = mapped[0], mapping[mapped[0]]
+        if isinstance(col, list) or col.endswith("*"):
+            raise DataError(f"{file}: column mapping {f}={col if isinstance(col, str) else ','.join(col)}: {f} takes "
+                            f"one column (one number per row)")
+        if col not in present:
+            raise DataError(f"{file}: column {col!r} (mapped to {f}) not found; columns present: {', '.join(names)}")
+        out[f] = col
+    else:
+        for f in LOGP_FIELDS:  # RLlib's new API stack writes action_logp, older stacks action_prob
+            if f in present:
+                out[f] = f
+                break
     for f in REQUIRED:
         if f not in out:
             raise DataError(f"{file}: missing column for {f!r}: no column named {f!r}"
@@ -229,8 +252,8 @@ def _field_array(table, file: str, spec, field: str, describe: Callable[[int], s
                 raise DataError(f"{file}: column {c!r} (part of {field}) must hold one number per row")
             check_finite(a, file, c, describe)  # names the column itself, not the group
         return np.stack(cols, axis=1)
-    return arrow_to_numpy(table.column(spec), file, spec, allow_packed=field in ("observations", "next_observations"),
-                          describe=describe, null=null)
+    packable = ("observations", "next_observations") + LOGP_FIELDS  # RLlib compresses what it is told to
+    return arrow_to_numpy(table.column(spec), file, spec, allow_packed=field in packable, describe=describe, null=null)
 
 
 def csv_line_describer(path: Path) -> Callable[[int], str]:
@@ -358,12 +381,17 @@ def read_units(path: Path, units: list[tuple[str, int | None, int | None]], mapp
             raw_ids.append(None)
             key = episode_keys_from_flags(term | trunc, key_offset)
             key_offset = int(key[-1]) + 1 if len(key) else key_offset
+        actions = as_actions(arrays["actions"], file, names["actions"], describe)
+        logp = None
+        for f in LOGP_FIELDS:
+            if f in arrays:
+                logp = as_action_logp(arrays[f], file, names[f], f, actions.ndim == 1, describe)
+                names["action_logp"] = names[f]
         chunks.append(Chunk(
-            file=file, columns=names, observations=obs,
-            actions=as_actions(arrays["actions"], file, names["actions"], describe),
+            file=file, columns=names, observations=obs, actions=actions,
             rewards=as_rewards(arrays["rewards"], file, names["rewards"], describe),
             terminations=term, truncations=trunc, next_observations=nxt, order=order,
-            episode_key=key if key is not None else np.zeros(0, np.int64), describe=describe))
+            episode_key=key if key is not None else np.zeros(0, np.int64), describe=describe, action_logp=logp))
     have_ids = [r is not None for r in raw_ids]
     if any(have_ids) and not all(have_ids):
         a = files[have_ids.index(True)]
@@ -384,6 +412,11 @@ def read_units(path: Path, units: list[tuple[str, int | None, int | None]], mapp
             other = next(x for x in chunks if x.next_observations is not None)
             raise DataError(f"{c.file}: has no next-observation column but {other.file} has "
                             f"{other.columns['next_observations']!r}; all files need the same columns")
+        if c.action_logp is None and any(x.action_logp is not None for x in chunks):
+            other = next(x for x in chunks if x.action_logp is not None)
+            raise DataError(f"{c.file}: has no logged action probabilities but {other.file} has them (column "
+                            f"{other.columns['action_logp']!r}); all files need the same columns (convert them "
+                            f"separately and `rayoffline data append` the others)")
     kind = "rllib" if any_rllib else ("csv" if all(f.suffix.lower() == ".csv" for f in files) else "parquet")
     return SourceData(source_id=f"{kind}:{os.path.abspath(path)}", chunks=chunks, extra={"rllib": any_rllib})
 
@@ -467,12 +500,16 @@ def plan_columnar(path: Path, mapping: dict[str, str] | None, block_bytes: int):
         spec, _ = resolve_mapping(str(f), _column_names(f, md), mapping)
         specs.append(spec)
     # the columns every file must share (read_units says the same about the files of one block)
-    for field, what in (("episode_id", "an episode id column"), ("next_observations", "a next-observation column")):
-        have = [field in s for s in specs]
+    for field, what in (("episode_id", "an episode id column"), ("next_observations", "a next-observation column"),
+                        ("logp", "logged action probabilities")):
+        have = [field in s if field != "logp" else any(f in s for f in LOGP_FIELDS) for s in specs]
         if any(have) and not all(have):
             a, b = files[have.index(True)], files[have.index(False)]
             if field == "episode_id":
                 raise DataError(f"{b}: has no episode id column but {a} has one; all files need the same columns")
+            if field == "logp":
+                raise DataError(f"{b}: has no logged action probabilities but {a} has them; all files need the same "
+                                f"columns (convert them separately and `rayoffline data append` the others)")
             col = _names(specs[have.index(True)], mapping)["next_observations"]
             raise DataError(f"{b}: has no next-observation column but {a} has {col!r}; all files need the same "
                             f"columns")

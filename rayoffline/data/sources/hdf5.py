@@ -2,7 +2,10 @@
 
 Keys (override with a mapping FIELD=KEY, nested keys as `group/key`):
   observations (N, obs_dim), actions (N, act_dim) float | (N,) int, rewards (N,), terminals (N,), timeouts (N,),
-  optional next_observations (N, obs_dim).
+  optional next_observations (N, obs_dim), optional infos/action_log_probs (N,): the behavior policy's
+  log-probability of each action (D4RL's MuJoCo datasets carry it), stored as the `action_logp` column
+  (schema.py). Map another key with action_logp=KEY, or probabilities with action_prob=KEY (their log is
+  stored). D4RL's values are taken as they are: rayoffline cannot check that they belong to the stored actions.
 
 An episode ends after a row with `terminals` or `timeouts` set (or at the end of the file). Without
 `next_observations`, next observations come from the next row of the same episode; convert.py documents
@@ -16,12 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DataError
-from ._common import (Chunk, RowDescriber, SourceData, as_actions, as_flags, as_next_observations, as_observations,
-                      as_rewards, check_lengths, choose_cuts, describe_row, episode_keys_from_flags)
+from ._common import (LOGP_FIELDS, Chunk, RowDescriber, SourceData, as_action_logp, as_actions, as_flags,
+                      as_next_observations, as_observations, as_rewards, check_lengths, choose_cuts, describe_row,
+                      episode_keys_from_flags)
 from .columnar import check_mapping
 
 D4RL_KEYS = {"observations": "observations", "actions": "actions", "rewards": "rewards",
              "terminations": "terminals", "truncations": "timeouts", "next_observations": "next_observations"}
+D4RL_LOGP_KEY = "infos/action_log_probs"
 HDF5_SUFFIXES = (".hdf5", ".h5", ".he5")
 
 
@@ -41,13 +46,16 @@ def _open_checked(path: Path, mapping: dict[str, str] | None):
 
     mapping = check_mapping(mapping)
     for k in mapping:
-        if k not in D4RL_KEYS:
+        if k not in D4RL_KEYS and k not in LOGP_FIELDS:
             raise DataError(f"{path}: field {k!r} cannot be mapped for an HDF5 file (episodes follow terminals/"
-                            f"timeouts); mappable: {', '.join(D4RL_KEYS)}")
+                            f"timeouts); mappable: {', '.join(tuple(D4RL_KEYS) + LOGP_FIELDS)}")
         if isinstance(mapping[k], list):
             raise DataError(f"{path}: column mapping {k}={','.join(mapping[k])}: an HDF5 field maps to one key "
                             f"(an (N, dim) array), not a list of keys")
     keys = {f: mapping.get(f, k) for f, k in D4RL_KEYS.items()}
+    logp_field = next((f for f in LOGP_FIELDS if f in mapping), None)
+    if logp_field is not None:
+        keys[logp_field] = mapping[logp_field]
     file = str(path)
     try:
         h5 = h5py.File(path, "r")
@@ -55,6 +63,8 @@ def _open_checked(path: Path, mapping: dict[str, str] | None):
         raise DataError(f"{file}: cannot open as HDF5 ({e}); is the file complete?") from e
     present = []
     try:
+        if logp_field is None and D4RL_LOGP_KEY in h5:
+            keys["action_logp"] = D4RL_LOGP_KEY
         for f, k in keys.items():
             if k not in h5:
                 if f == "next_observations":
@@ -132,11 +142,17 @@ def _chunk(file: str, keys: dict[str, str], arrays: dict[str, np.ndarray], descr
     if "next_observations" in arrays:
         nxt = as_next_observations(arrays["next_observations"], file, keys["next_observations"], obs,
                                    keys["observations"], describe)
-    return Chunk(file=file, columns=dict(keys), observations=obs,
-                 actions=as_actions(arrays["actions"], file, keys["actions"], describe),
+    actions = as_actions(arrays["actions"], file, keys["actions"], describe)
+    logp = None
+    columns = dict(keys)
+    for f in LOGP_FIELDS:
+        if f in arrays:
+            logp = as_action_logp(arrays[f], file, keys[f], f, actions.ndim == 1, describe)
+            columns["action_logp"] = keys[f]
+    return Chunk(file=file, columns=columns, observations=obs, actions=actions,
                  rewards=as_rewards(arrays["rewards"], file, keys["rewards"], describe),
                  terminations=term, truncations=trunc, next_observations=nxt,
-                 episode_key=episode_keys_from_flags(term | trunc), describe=describe)
+                 episode_key=episode_keys_from_flags(term | trunc), describe=describe, action_logp=logp)
 
 
 def read_hdf5(path: Path, mapping: dict[str, str] | None = None) -> SourceData:

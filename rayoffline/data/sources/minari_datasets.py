@@ -3,6 +3,11 @@
 A Minari episode stores T+1 observations for T steps, so every transition, including the last one of a
 truncated episode, keeps its real next observation. HDF5-format datasets are read straight from
 `data/main_data.hdf5` (only the five arrays we need, no `infos`); other formats go through Minari's storage.
+
+Logged action probabilities (the `action_logp` column, schema.py) are not read from Minari datasets: Minari
+records them nowhere by itself, and its `infos` hold T+1 entries per episode written by the environment (the reset's
+and each step's), so where a policy's log-probability would sit in them is a convention of the collecting code,
+not of the format. Export such data to Parquet with an `action_logp` column instead.
 """
 from __future__ import annotations
 
