@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--episodes", type=int, default=10, help="episodes per member (default: 10)")
 
+    x = sub.add_parser("export", help="write one member's policy as a standalone TorchScript or ONNX file "
+                                      "(observation normalization and action scaling inside; no rayoffline needed)")
+    x.add_argument("run_dir", help="run directory (`rayoffline train --out DIR`); its latest checkpoint is exported")
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"],
+                   help="torchscript (load with torch.jit.load) or onnx (needs pip install 'rayoffline[export]')")
+    x.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. policy.pt or policy.onnx")
+    x.add_argument("--member", type=int, default=None, metavar="K",
+                   help="member index (default: the best member in RUN_DIR/result.json, else 0)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+
     w = sub.add_parser("tune", help="hyperparameter sweep with Ray Tune, configurations fused into packs")
     w.add_argument("sweep", nargs="?", default=None,
                    help="sweep YAML (see tune_configs/); not needed with --resume (OUT/sweep.yaml is used)")
@@ -160,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="cpu", help="torch device for the fits (default cpu), e.g. cuda")
     o.add_argument("--seed", type=int, default=0, help="seed of the fits and the bootstrap (default 0)")
 
+    from .registry.commands import HELP as REGISTRY_HELP, add_arguments as registry_arguments
+    registry_arguments(sub.add_parser("registry", help="versioned models and aliases (list, show, promote, rollback, "
+                                                       "register)", description=REGISTRY_HELP,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+                       .add_subparsers(dest="registry_command", required=True))
     sub.add_parser("algos", help="list algorithms and their config fields")
     sub.add_parser("presets", help="list the reference presets for `train --preset NAME`")
     d = sub.add_parser("demo", help="the main job on an embedded dataset (IQL on builtin:pendulum-medium)")
@@ -234,6 +249,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from .learner.commands import eval_from_cli
         return eval_from_cli(args)
+    if args.command == "export":
+        from .export import describe, export_policy
+        print(describe(export_policy(args.run_dir, args.format, args.out, member=args.member, force=args.force)))
+        return 0
     if args.command == "tune":
         from .sweep.run import tune
         tune(args.sweep, out=args.out, overrides=args.set, resume=args.resume, address=args.address,
@@ -251,6 +270,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_table(out))
         print(f"wrote {args.run_dir.rstrip('/')}/ope.json")
         return 0
+    if args.command == "registry":
+        from .registry.commands import run as registry_run
+        return registry_run(args)
     if args.command == "presets":
         from .learner.commands import describe_presets
         print(describe_presets())

@@ -12,7 +12,8 @@ what the data layer hands back to callers: a `Path` for a local dataset (as befo
 
 Atomicity on a filesystem without directory rename (object stores): a dataset is written in place and its
 metadata file last; readers find a dataset by its metadata file and read only the files it lists, so they
-never see a half-written dataset or partition (see convert.py).
+never see a half-written dataset or partition (see convert.py). `Location.create_exclusive` (the model
+registry's compare-and-swap) is atomic on local filesystems and best effort on object stores (its docstring).
 """
 from __future__ import annotations
 
@@ -185,6 +186,79 @@ class Location:
             return
         with self.fs.open_output_stream(self.path) as f:
             f.write(data)
+
+    def write_atomic(self, data: bytes) -> None:
+        """Write a whole file so that readers see the old content or the new, never part of it: locally a
+        temporary file beside it, fsync, rename; on an object store one PUT (objects appear whole)."""
+        if not self.local:
+            self.write_bytes(data)
+            return
+        tmp = self._write_temp(data)
+        try:
+            os.replace(tmp, self.path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    def create_exclusive(self, data: bytes) -> bool:
+        """Create this file with `data` only if it does not exist; True if this call created it.
+
+        Local filesystems (and NFS): atomic. The content goes to a finished temporary file that is hard-linked
+        under the name (link(2) fails if the name exists), so of several racing callers exactly one wins and
+        readers never see a partial file. Where hard links are not supported, O_CREAT|O_EXCL decides the winner
+        (still exactly one) and the content follows. Object stores through pyarrow have no conditional write:
+        best effort only (check, PUT, read back and compare `data`, which callers make unique): a competitor
+        whose PUT lands after this call's read-back is not detected, and then both callers believe they won."""
+        if not self.local:
+            if self.exists():
+                return False
+            self.write_bytes(data)
+            try:
+                return self.read_bytes() == data
+            except (OSError, FileNotFoundError):
+                return False
+        tmp = self._write_temp(data)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this filesystem: O_EXCL decides, the content follows
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        finally:
+            _unlink(tmp)
+
+    def _write_temp(self, data: bytes) -> str:
+        """A finished, fsynced temporary file beside this one (mode as a plain open() would give)."""
+        import tempfile
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(self.path)}.", dir=os.path.dirname(self.path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return tmp
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _cached(scheme: str, key: str, make):
