@@ -101,6 +101,39 @@ def load_rows(path: Any, meta: dict[str, Any], max_episodes: int, seed: int = 0,
     return rows, "holdout" if part == "holdout" else "train sample"
 
 
+def support_reference(obs: torch.Tensor, actions: torch.Tensor, episode_id: np.ndarray, discrete: bool) -> float:
+    """out_of_support's reference: for up to REFERENCE_ROWS evenly spaced rows, the distance between the row's
+    logged action and the logged action of the row with the nearest (normalized) observation in another episode
+    (discrete: whether they differ), averaged; nan with fewer than two episodes. obs (N, obs), actions (N, act)
+    normalized or (N,) int64, on one device."""
+    if len(np.unique(episode_id)) < 2:
+        return math.nan
+    n = int(obs.shape[0])
+    ep = torch.as_tensor(episode_id, device=obs.device)
+    query = torch.linspace(0, n - 1, min(n, REFERENCE_ROWS), device=obs.device).round().long()
+    dists = []
+    for q in query.split(512):
+        d = torch.cdist(obs[q], obs)                                             # (q, N)
+        d = d.masked_fill(ep[q][:, None] == ep[None, :], math.inf)
+        nearest = d.argmin(1)
+        if discrete:
+            dists.append((actions[nearest] != actions[q]).float())
+        else:
+            dists.append((actions[nearest] - actions[q]).norm(dim=-1))
+    return float(torch.cat(dists).mean())
+
+
+def support_floor(discrete: bool, action_dim: int) -> float:
+    """out_of_support's floor on the action distance (module docstring)."""
+    return SUPPORT_FLOOR_DISCRETE if discrete else SUPPORT_FLOOR * math.sqrt(action_dim)
+
+
+def off_support(distance: float, reference: float, discrete: bool, action_dim: int) -> bool:
+    """out_of_support's test on a mean action distance (module docstring)."""
+    return (math.isfinite(reference) and distance > SUPPORT_RATIO * reference
+            and distance > support_floor(discrete, action_dim))
+
+
 class Diagnostics:
     """The diagnostics of one run (K members) on fixed episode rows; `measure` computes a pass, `check` turns it
     into flags (each once per (flag, member)), `summary` is what result.json records."""
@@ -153,21 +186,7 @@ class Diagnostics:
     # ----- the data-only reference of out_of_support ----------------------------------------------------
     def _reference(self, algorithm, rows: EpisodeRows) -> float:
         """Mean distance between a row's logged action and that of the nearest state in another episode."""
-        if rows.num_episodes < 2:
-            return math.nan
-        obs = algorithm.norm_obs(self.obs)                                       # (N, obs)
-        ep = torch.as_tensor(rows.episode_id, device=obs.device)
-        query = torch.linspace(0, self.n - 1, min(self.n, REFERENCE_ROWS), device=obs.device).round().long()
-        dists = []
-        for q in query.split(512):
-            d = torch.cdist(obs[q], obs)                                         # (q, N)
-            d = d.masked_fill(ep[q][:, None] == ep[None, :], math.inf)
-            nearest = d.argmin(1)
-            if self.discrete:
-                dists.append((self.actions[nearest] != self.actions[q]).float())
-            else:
-                dists.append((self.actions[nearest] - self.actions[q]).norm(dim=-1))
-        return float(torch.cat(dists).mean())
+        return support_reference(algorithm.norm_obs(self.obs), self.actions, rows.episode_id, self.discrete)
 
     # ----- one pass -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -266,8 +285,8 @@ class Diagnostics:
                                  f"{qj.mean():.4g}) while the returns-to-go vary (std {g_std:.4g})"))
             ref = self.reference
             dist = metrics["diag/action_distance"][j]
-            floor = SUPPORT_FLOOR_DISCRETE if self.discrete else SUPPORT_FLOOR * math.sqrt(self.action_dim)
-            if math.isfinite(ref) and dist > SUPPORT_RATIO * ref and dist > floor:
+            floor = support_floor(self.discrete, self.action_dim)
+            if off_support(dist, ref, self.discrete, self.action_dim):
                 what = "the greedy action differs from the logged one on" if self.discrete else \
                     "the policy's action is at mean distance"
                 held.append(("out_of_support", j,

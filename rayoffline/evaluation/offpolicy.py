@@ -11,13 +11,19 @@ logged ones end (at a termination, or at the truncation after T steps), so every
          episodes, an approximation for others); interval: bootstrap over episodes (the FQE fit's own variance
          is not in it).
   is, pdis   need the behavior policy's logged action probabilities (plain IS is unbiased only with the true
-         pi_b); the converted datasets do not carry them, so these refuse with a message naming what applies.
-  wis, pdwis  importance sampling with a fitted behavior model (behavior.py; trained on the training
-         episodes, so the held-out ones are new to it): self-normalized, so a misfit scale cancels.
-  dr     doubly robust with the fitted behavior model and FQE as the model (q, v per step, tail-corrected as fqe).
+         pi_b): a dataset with the `action_logp` column (data/schema.py) in every partition; on any other these
+         refuse with a message naming what applies.
+  wis, pdwis  importance sampling, self-normalized (a misfit scale cancels), with the logged probabilities when the
+         dataset has them, else a fitted behavior model (behavior.py; trained on the training episodes, so the
+         held-out ones are new to it). ope.json's models.behavior.source says which: "logged" or "fitted".
+  dr     doubly robust with that behavior policy and FQE as the model (q, v per step, tail-corrected as fqe).
   mb     model-based (model_based.py): an ensemble of dynamics and reward models trained on every transition,
          rolled out from the held-out start states for each episode's horizon; its interval is the range over the
          ensemble's models and its disagreement (std over models) is reported.
+
+Logged log-densities of continuous actions are densities of the dataset's actions in their own units; the target
+policies' are in the normalized space [-1, 1] (policies.py), so the logged ones are moved there with the Jacobian of
+the map: log pi_b(a_norm) = log pi_b(a) + sum_j log((high_j - low_j) / 2), from the dataset's action space.
 
 Continuous deterministic policies have no density: for the importance weights each mu_k(s) is smoothed into
 N(mu_k(s), noise^2) per dimension of the normalized action space (`noise`, default 0.1; policies.LearnedPolicy);
@@ -64,6 +70,8 @@ class OPESettings:
     gamma: float | None = None
     """None: the run's discount."""
     seed: int = 0
+    fqe_seeds: tuple[int, ...] | None = None
+    """FQE's seed per member (None: seed + k for member k)."""
     fqe: dict[str, Any] = field(default_factory=dict)
     """FQEConfig keys (hidden, lr, tau, target_period, ...) over its defaults."""
 
@@ -126,6 +134,19 @@ def _rows(fn: Callable[[slice], torch.Tensor], n: int) -> np.ndarray:
     return torch.cat([fn(sl).double().cpu() for sl in _chunks(n)], dim=1).numpy()
 
 
+def _normalized_density_shift(meta: dict[str, Any], data_dir: Any) -> float:
+    """What to add to a logged log-density of a dataset action to get the density of that action in the policies'
+    normalized space [-1, 1]: sum_j log((high_j - low_j) / 2) (module docstring); 0 for discrete actions."""
+    space = meta["action_space"]
+    if space.get("type") == "Discrete":
+        return 0.0
+    width = np.asarray(space["high"], np.float64) - np.asarray(space["low"], np.float64)
+    if not (np.isfinite(width).all() and (width > 0).all()):
+        raise DataError(f"{data_dir}: its action space {space} is unbounded, so logged action densities cannot be "
+                        f"mapped into the normalized action space; give the dataset finite action bounds")
+    return float(np.log(width / 2.0).sum())
+
+
 def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor], data_dir: str, meta: dict[str, Any],
                     gamma: float, settings: OPESettings, device: torch.device,
                     say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -134,13 +155,17 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
     {"holdout": {...}, "estimates": {name: [per member {value, low, high, ess, warning}]}, "models": {...}}."""
     from ..data import load
     from ..data.holdout import held_out_ids, load_episodes, no_split_message
+    from ..data.metadata import has_action_logp
 
     names = settings.estimators
     logged = [n for n in names if n in NEEDS_LOGGED]
-    if logged:
+    if logged and not has_action_logp(meta):
         raise ConfigError(f"estimator {logged[0]!r} (plain importance sampling) needs the behavior policy's logged "
                           f"action probabilities, and {data_dir} has none; wis, pdwis and dr apply with a behavior "
-                          f"model fitted to the data (--estimators wis,pdwis,dr)")
+                          f"model fitted to the data (--estimators wis,pdwis,dr). To use logged probabilities, "
+                          f"convert data whose every partition has them: an `action_logp` column (RLlib recordings "
+                          f"carry one), or map one with --map action_logp=COLUMN (log-probabilities) or --map "
+                          f"action_prob=COLUMN (probabilities)")
     if held_out_ids(meta) is None:
         raise DataError(no_split_message(data_dir))
     content = meta.get("content_hash")
@@ -159,6 +184,7 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
                                        "mc_low": mc_low, "mc_high": mc_high, "gamma": gamma},
                            "estimates": {}, "models": {}}
     acts = norm_actions(b.actions.to(device))
+    out["support"] = _support(policy, b, acts, ep.episode_id, meta)
 
     fqe = None
     if any(x in names for x in ("fqe", "dr")):
@@ -166,7 +192,7 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
         say(f"ope: fitting FQE for {k} policies, {settings.fqe_steps} steps")
         full = load(data_dir, part="all", device=device)
         fqe = fit_fqe(policy, full, meta, settings.fqe_steps, batch_size=settings.batch_size,
-                      seeds=[settings.seed + i for i in range(k)],
+                      seeds=_fqe_seeds(settings, k),
                       config=FQEConfig(**{**settings.fqe, "discount": gamma}), device=device)
         del full
         v_all = _rows(lambda sl: fqe.value(b.observations[sl]), n)                   # (K, n)
@@ -181,8 +207,11 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
                 out["estimates"]["fqe"].append({"value": value, "low": low, "high": high, "ess": None,
                                                 "warning": None})
 
-    is_names = [x for x in names if x in ("wis", "pdwis", "dr")]
-    if is_names:
+    is_names = [x for x in names if x in IS_FAMILY]
+    if is_names and ep.action_logp is not None:  # the logged behavior policy: nothing to fit
+        logp_b = ep.action_logp.astype(np.float64) + _normalized_density_shift(meta, data_dir)    # (n,)
+        out["models"]["behavior"] = {"source": "logged"}
+    elif is_names:
         from .behavior import default_steps, fit_behavior, held_out_nll
         held = meta.get("holdout") or {}
         rows = int(meta["num_transitions"]) - int(held.get("num_transitions", 0))  # the training part's size
@@ -195,8 +224,10 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
                                 device=device)
         behavior = _cached(("behavior", content, split_key, steps, settings.batch_size, settings.seed, str(device)),
                            fit)
-        out["models"]["behavior"] = {"steps": steps, "held_out_nll": float(held_out_nll(behavior, b)[0])}
+        out["models"]["behavior"] = {"source": "fitted", "steps": steps,
+                                     "held_out_nll": float(held_out_nll(behavior, b)[0])}
         logp_b = _rows(lambda sl: behavior.log_prob(b.observations[sl], acts[sl]), n)[0]       # (n,)
+    if is_names:
         logp_e = _rows(lambda sl: policy.log_prob(b.observations[sl], acts[sl]), n)            # (K, n)
         rewards = b.rewards.double().cpu().numpy()
         q_rows = v_rows = None
@@ -253,16 +284,65 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
                                            "high": float(pm[i].max()), "ess": None, "disagreement":
                                            float(disagreement[i]), "warning": None})
         out["models"]["dynamics"] = {"steps": steps, "members": settings.ensemble}
+    for i, sup in enumerate(out["support"]):
+        if not sup["off_support"]:
+            continue
+        note = (f"the policy acts outside the data's support (its actions at mean distance "
+                f"{sup['action_distance']:.3g} from the logged ones, against {sup['reference']:.3g} between logged "
+                f"actions of nearby states): {{}} extrapolates there and is not to be trusted")
+        for name in ("fqe", "dr", "mb"):
+            if name in out["estimates"]:
+                e = out["estimates"][name][i]
+                e["warning"] = "; ".join(w for w in (e["warning"], note.format(name.upper())) if w)
     return out
 
 
+@torch.no_grad()
+def _support(policy, b, acts: torch.Tensor, episode_id: np.ndarray, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per member: how far the policy's actions on the held-out states lie from the logged ones, against the
+    data's own spread (diagnostics.py's out_of_support test): {action_distance, reference, off_support}.
+    Deterministic policies are scored on their action, others on one sampled action per row."""
+    from .diagnostics import off_support, support_reference
+    obs = b.observations.to(acts.device, torch.float32)                           # (n, obs)
+    if meta.get("obs_mean") is not None and meta.get("obs_std") is not None:
+        mean = torch.as_tensor(meta["obs_mean"], dtype=torch.float32, device=obs.device)
+        std = torch.as_tensor(meta["obs_std"], dtype=torch.float32, device=obs.device).clamp_min(1e-6)
+        normed = (obs - mean) / std
+    else:
+        normed = obs
+    reference = support_reference(normed, acts, episode_id, policy.discrete)
+
+    def distance(sl: slice) -> torch.Tensor:
+        det = getattr(policy, "deterministic", False)
+        pa = policy.act(obs[sl]) if det else policy.sample(obs[sl], 1)[0]         # (K, b, act) | (K, b)
+        if policy.discrete:
+            return (pa != acts[sl].unsqueeze(0)).float()
+        return (pa - acts[sl].unsqueeze(0)).norm(dim=-1)                          # (K, b)
+    dist = _rows(distance, int(obs.shape[0])).mean(1)                             # (K,)
+    dim = 1 if policy.discrete else policy.action_dim
+    return [{"action_distance": float(d), "reference": None if math.isnan(reference) else reference,
+             "off_support": bool(off_support(float(d), reference, policy.discrete, dim))} for d in dist]
+
+
+def _fqe_seeds(settings: OPESettings, k: int) -> list[int]:
+    """FQE's seed for each of the K members evaluated: settings.fqe_seeds, else seed + k for member k."""
+    if settings.fqe_seeds is None:
+        return [settings.seed + i for i in range(k)]
+    if len(settings.fqe_seeds) != k:
+        raise ConfigError(f"OPE setting fqe_seeds: {len(settings.fqe_seeds)} seeds for {k} policies; give one per "
+                          f"member evaluated")
+    return [int(s) for s in settings.fqe_seeds]
+
+
 def run_metrics(algorithm, data_dir: Any, meta: dict[str, Any], names: Sequence[str], fqe_steps: int,
-                seed: int = 0) -> dict[str, list[float]]:
+                seed: int = 0, fqe_seeds: Sequence[int] | None = None) -> dict[str, list[float]]:
     """`ope/<estimator>`: per-member values for a training run's eval point (run key `ope`); the algorithm's
-    random streams are left as they were."""
+    random streams are left as they were. fqe_seeds: FQE's seed per member (default seed + k for member k; a sweep
+    pack evaluating several trials at once passes each trial's own, so each gets its solo run's values)."""
     from .policies import LearnedPolicy
     gamma = float(algorithm.coef("discount")[0])
-    cfg = OPESettings(estimators=tuple(names), fqe_steps=fqe_steps, seed=seed, bootstrap=0)
+    cfg = OPESettings(estimators=tuple(names), fqe_steps=fqe_steps, seed=seed, bootstrap=0,
+                      fqe_seeds=None if fqe_seeds is None else tuple(int(s) for s in fqe_seeds))
     saved = algorithm.rng.get_state()
     try:
         res = estimate_policy(LearnedPolicy(algorithm), algorithm.norm_actions, str(data_dir), meta, gamma, cfg,

@@ -88,3 +88,32 @@ def test_a_run_can_request_ope_metrics_at_its_eval_points(trained, tmp_path, cap
     assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "10", "--out", str(tmp_path / "r3"),
                  "--set", "ope=[is]"]) == 2
     assert "config key 'ope'" in capsys.readouterr().err
+
+
+def test_estimates_of_a_policy_outside_the_datas_support_carry_a_warning(tmp_path):
+    """On narrow data (builtin:pendulum-expert, logged actions of nearby states within ~0.1 of each other) a BC
+    policy stays on the data and the uniform policy does not: `support` says so per member, and the model-based
+    estimates (fqe here) of the off-support member carry the warning."""
+    import torch
+
+    from rayoffline.data import load_metadata
+    from rayoffline.evaluation.offpolicy import OPESettings, estimate_policy
+    from rayoffline.evaluation.policies import LearnedPolicy, UniformPolicy, stack_policies
+    from rayoffline.learner.api import load_run
+    from rayoffline.spec import EnvSpec
+    ds = tmp_path / "expert"
+    shutil.copytree(resolve("builtin:pendulum-expert"), ds)
+    split(ds, 0.1, seed=0)
+    assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "500", "--out", str(tmp_path / "bc"),
+                 "--set", "eval_episodes=0", "--set", "progress=off", "--set", "algo.hidden=[32, 32]"]) == 0
+    bc = load_run(tmp_path / "bc")[0]
+    meta = load_metadata(ds)
+    policy = stack_policies([LearnedPolicy(bc), UniformPolicy(EnvSpec.from_metadata(meta), 1)])
+    res = estimate_policy(policy, bc.norm_actions, str(ds), meta, 0.99,
+                          OPESettings(estimators=("fqe",), fqe_steps=100, bootstrap=0), torch.device("cpu"))
+    on, off = res["support"]
+    assert on["reference"] == off["reference"] < 0.2, res["support"]
+    assert not on["off_support"] and off["off_support"], res["support"]
+    assert off["action_distance"] > 3 * on["action_distance"], res["support"]
+    assert res["estimates"]["fqe"][0]["warning"] is None
+    assert "outside the data's support" in res["estimates"]["fqe"][1]["warning"]
