@@ -18,6 +18,11 @@ Protocol (the trial side is `rayoffline/sweep/trial.py`):
 Membership changes only between intervals: the learner is rebuilt from the kept members' state slices and the
 newcomers' states (`learner/pack_state.py`), so every member trains exactly as it would alone.
 
+At a trial's eval points the pack computes what its solo run would: online evaluation (`eval/*`), diagnostics
+(`diag/*`) and off-policy estimates (`ope/*`, run key `ope`). The due trials' evaluations and off-policy estimates
+are batched: one algorithm of their members, so one vectorized rollout, and one FQE fit for every trial that shares
+the estimators, FQE steps, discount and run seed, each trial's FQE members seeded as in its solo run.
+
 `Pack` is plain Python (a thread trains; the methods are thread-safe) and is tested without Ray;
 `PackActor` runs it as a threaded Ray actor holding the pack's CPUs/GPU.
 """
@@ -113,6 +118,11 @@ class Pack:
         from ..learner.config import build_config
         from ..learner.worker import _build_algorithm, make_learner
         cfg = config if "algo_name" in config else build_config(self.algo, config)
+        if cfg["run"].ope:  # as a solo run: fail now, not at the first eval point
+            from ..data.holdout import held_out_ids, no_split_message
+            from ..errors import DataError
+            if held_out_ids(self.meta) is None:
+                raise DataError(f"run key 'ope': {no_split_message(self.data_path)}")
         # the trial's members as a learner of their own: a fresh one's initial state is exactly a solo run's,
         # and a checkpoint that does not fit fails this trial here, not the pack
         own = make_learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg, self.meta, self.data_arg,
@@ -342,6 +352,15 @@ class Pack:
         k_pack = self.learner.algorithm.K
         self.passes += n
         state = None
+        due_ope, offset = [], 0
+        for m in self.members:  # their off-policy estimates go into the interval's row, as a solo run logs them
+            if m.cfg["run"].ope and _at_eval(m.cfg["run"], m.step + n):
+                due_ope.append((m, list(range(offset, offset + m.size))))
+            offset += m.size
+        ope: dict[str, dict[str, list[float]]] = {}
+        if due_ope:
+            state = self.learner.state_dict()
+            ope = self._offpolicy(due_ope, state)
         offset = 0
         due_eval: list[tuple[_Member, list[int]]] = []
         out: dict[str, dict[str, Any]] = {}
@@ -358,11 +377,12 @@ class Pack:
             row["perf/updates_per_s"] = rate
             row["perf/member_updates_per_s"] = rate * m.size
             row["perf/pack_members"] = k_pack
-            at_eval = m.step >= r.steps or (r.eval_every and m.step % r.eval_every == 0)
+            at_eval = _at_eval(r, m.step)
             if m.diag is not None and at_eval:  # in the interval's row, as a solo run logs them
                 if state is None:
                     state = self.learner.state_dict()
                 row.update(self._diagnose(m, pack_state.select(state, idx)["algorithm"]))
+            row.update(ope.get(m.trial, {}))
             m.logger.advance(n)
             m.logger.log(m.step, row)
             finite = all(math.isfinite(x) for key, v in row.items() if key.startswith("loss/") for x in v)
@@ -415,6 +435,35 @@ class Pack:
             m.logger.log(m.step, row)
             out[m.trial]["metrics"].update(row)
 
+    def _offpolicy(self, due: list[tuple[_Member, list[int]]], state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """trial -> {`ope/<estimator>`: per-member values} for the due trials (run key `ope`), equal to their solo
+        runs': one `run_metrics` per group of trials that share the estimators, FQE steps, discount and run seed,
+        on one algorithm of the group's members, so FQE fits all of them in one member-batched pass, each trial's
+        members with its solo run's seeds (run seed + k for its member k). `mb` rolls out per trial: its rollout
+        noise is drawn for all evaluated members at once, so a shared rollout would depend on the group."""
+        from ..evaluation.offpolicy import run_metrics
+        from ..learner import pack_state
+        from ..learner.worker import _build_algorithm
+        groups: dict[tuple[Any, ...], list[tuple[_Member, list[int]]]] = {}
+        for m, idx in due:
+            r = m.cfg["run"]
+            key = (tuple(r.ope), r.ope_steps, float(m.cfg["members"][0].discount), r.seed)
+            groups.setdefault(key, []).append((m, idx))
+        out: dict[str, dict[str, Any]] = {m.trial: {} for m, _ in due}
+        for (names, steps, _, seed), group in groups.items():
+            shared = [x for x in names if x != "mb"]
+            parts = ([(shared, group)] if shared else []) + ([(["mb"], [t]) for t in group] if "mb" in names else [])
+            for part_names, part in parts:
+                algorithm = _build_algorithm(_pack_cfg([m.cfg for m, _ in part]), self.meta, self.device)
+                algorithm.load_state_dict(pack_state.select(state, [i for _, ix in part for i in ix])["algorithm"])
+                values = run_metrics(algorithm, self.data_path, self.meta, part_names, steps, seed,
+                                     fqe_seeds=[seed + i for m, _ in part for i in range(m.size)])
+                offset = 0
+                for m, ix in part:
+                    out[m.trial].update({key: v[offset:offset + len(ix)] for key, v in values.items()})
+                    offset += len(ix)
+        return out
+
     def _diagnose(self, m: _Member, algorithm_state: dict[str, Any]) -> dict[str, list[float]]:
         """The trial's diagnostics pass on its members' current weights (a copy: the pack's streams stay)."""
         from ..learner.worker import _build_algorithm
@@ -453,6 +502,11 @@ class Pack:
             text = json.dumps(self._stats(), indent=1) + "\n"
         self.stats_path.parent.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(self.stats_path, text)
+
+
+def _at_eval(run: Any, step: int) -> bool:
+    """Whether `step` is one of the run's eval points (every eval_every steps and the last), as in a solo run."""
+    return step >= run.steps or bool(run.eval_every and step % run.eval_every == 0)
 
 
 def _pack_cfg(cfgs: list[dict[str, Any]]) -> dict[str, Any]:

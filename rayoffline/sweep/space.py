@@ -701,12 +701,7 @@ def available_metrics(sweep: Sweep, meta: dict[str, Any]) -> tuple[set[str], dic
         ident = json.dumps([to_dict(built["members"][0]), eval_on], sort_keys=True)
         if ident not in cache:
             cache[ident] = _reported(sweep.algo, config, meta, eval_on)
-        ope = built["run"].ope
-        if ope and sweep.fuse:
-            raise _err("config.ope", "off-policy estimates at eval points are computed by unfused trials only; set "
-                                     "fuse: false to sweep on an ope/ metric (or score the runs afterwards with "
-                                     "`rayoffline ope`)")
-        reported.append((label, cache[ident] | {f"ope/{x}" for x in ope}))
+        reported.append((label, cache[ident] | {f"ope/{x}" for x in built["run"].ope}))  # fused or not
     every = set.intersection(*(names for _, names in reported))
     union = set.union(*(names for _, names in reported))
     return every, {n: [label for label, names in reported if n not in names] for n in union - every}

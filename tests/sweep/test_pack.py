@@ -3,11 +3,16 @@ leaves stops costing updates, and a trial joins a running pack, fresh or from a 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 
 import pytest
 
 import rayoffline
+from rayoffline.data.builtin import resolve
+from rayoffline.data.holdout import split
+from rayoffline.errors import DataError
+from rayoffline.evaluation import offpolicy
 from rayoffline.learner.config import build_config
 from rayoffline.sweep.pack import Pack
 
@@ -113,3 +118,44 @@ def test_a_trial_restarted_from_its_checkpoint_continues_as_uninterrupted(pack, 
     assert json.loads((tmp_path / "a" / "result.json").read_text())["eval_return_mean"] == pytest.approx(
         solo["eval_return_mean"], rel=1e-4)
     assert [r["step"] for r in _rows(tmp_path / "a")] == [r["step"] for r in _rows(tmp_path / "solo")]
+
+
+def test_fused_trials_log_the_off_policy_estimates_of_their_solo_runs(tmp_path, monkeypatch):
+    ds = tmp_path / "pendulum"  # off-policy estimates need held-out episodes
+    shutil.copytree(resolve(DATA), ds)
+    split(ds, 0.1, seed=0)
+    base = {**BASE, "steps": 20, "eval_every": 10, "eval_episodes": 0, "diagnostics": "off", "ope": ["fqe"],
+            "ope_steps": 200}
+    trials = {"a": (0.7, [0, 1]), "b": (0.9, [2])}
+    fits = []  # (members evaluated) per run_metrics call of the pack
+    real = offpolicy.run_metrics
+    monkeypatch.setattr(offpolicy, "run_metrics", lambda alg, *a, **kw: fits.append(alg.K) or real(alg, *a, **kw))
+    pack = Pack("p1", "iql", str(ds), device="cpu")
+    results = {}
+    try:
+        for t, (expectile, seeds) in trials.items():
+            pack.join(t, build_config("iql", {**base, "algo": {**base["algo"], "expectile": expectile},
+                                              "members": [{"seed": s} for s in seeds]}), str(tmp_path / t))
+        threads = [threading.Thread(target=lambda t=t: results.__setitem__(t, _drive(pack, t))) for t in trials]
+        [th.start() for th in threads]
+        [th.join(300) for th in threads]
+    finally:
+        pack.close()
+    assert fits == [3, 3]  # one FQE fit of both trials' members per eval point
+    monkeypatch.setattr(offpolicy, "run_metrics", real)
+    for t, (expectile, seeds) in trials.items():
+        assert [r["step"] for r in results[t] if "ope/fqe" in r["metrics"]] == [10, 20]  # relayed to Tune
+        rayoffline.train("iql", str(ds), tmp_path / f"solo_{t}", config={
+            **base, "algo": {**base["algo"], "expectile": expectile}, "members": [{"seed": s} for s in seeds]})
+        fused = {r["step"]: r["ope/fqe"] for r in _rows(tmp_path / t) if "ope/fqe" in r}
+        solo = {r["step"]: r["ope/fqe"] for r in _rows(tmp_path / f"solo_{t}") if "ope/fqe" in r}
+        assert sorted(fused) == sorted(solo) == [10, 20]
+        for step in solo:  # b's FQE member is seeded as in its solo run (0), not by its place in the pack (2)
+            _close(fused[step], solo[step])
+
+
+def test_a_trial_asking_for_ope_on_data_without_held_out_episodes_fails_at_join(pack, tmp_path):
+    with pytest.raises(DataError, match="run key 'ope'.*no held-out split"):
+        pack.join("a", _cfg(0.7, [0]) | {"run": build_config("iql", {**BASE, "ope": ["fqe"]})["run"]},
+                  str(tmp_path / "a"))
+    assert pack.size() == 0 and not (tmp_path / "a").exists()

@@ -274,13 +274,14 @@ def test_check_metric(pendulum_meta):
         S.check_metric(S.load_sweep(sweep(metric="eval/normalized_score")), no_ref)
     with pytest.raises(ConfigError, match="eval_episodes is 0"):
         S.check_metric(S.load_sweep(sweep(metric="eval/return_mean", config={"eval_episodes": 0})), pendulum_meta)
-    # ope/ metrics: reported by unfused trials whose run config asks for them (run key ope)
+    # ope/ metrics: reported by the trials whose run config asks for them (run key ope), fused (packs) or not
     ope_cfg = {**BASE["config"], "ope": ["fqe"], "eval_episodes": 0}
-    S.check_metric(S.load_sweep(sweep(metric="ope/fqe", config=ope_cfg, fuse=False)), pendulum_meta)
-    with pytest.raises(ConfigError, match="no trial reports 'ope/wis'"):
-        S.check_metric(S.load_sweep(sweep(metric="ope/wis", config=ope_cfg, fuse=False)), pendulum_meta)
-    with pytest.raises(ConfigError, match="unfused trials only; set fuse: false"):
-        S.check_metric(S.load_sweep(sweep(metric="ope/fqe", config=ope_cfg)), pendulum_meta)
+    for fuse in (True, False):
+        S.check_metric(S.load_sweep(sweep(metric="ope/fqe", config=ope_cfg, fuse=fuse)), pendulum_meta)
+        with pytest.raises(ConfigError, match="no trial reports 'ope/wis'"):
+            S.check_metric(S.load_sweep(sweep(metric="ope/wis", config=ope_cfg, fuse=fuse)), pendulum_meta)
+    with pytest.raises(ConfigError, match="no trial reports 'ope/fqe'"):
+        S.check_metric(S.load_sweep(sweep(metric="ope/fqe")), pendulum_meta)
     # the Lagrange multiplier's loss exists only in configurations with cql_lagrange
     lagrange = sweep(metric="loss/cql_alpha", space={"algo.cql_lagrange": {"choice": [True, False]}})
     with pytest.raises(ConfigError, match="not with algo.cql_lagrange=False"):
