@@ -6,6 +6,7 @@ these return (rayoffline.learner.commands).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..spec import EnvSpec
 from . import checkpoint as ckpt
 from .config import build_config, load_config_file, nest_dotted
 from .threads import set_threads
-from .worker import RunSpec, evaluate_members, open_dataset, run_training
+from .worker import RunSpec, _build_algorithm, evaluate_members, open_dataset, run_training
 
 __all__ = ["train", "evaluate_run", "load_run", "build_config"]
 
@@ -219,6 +220,11 @@ def train(algo: str | None, data: str | None, out: str | Path, steps: int | None
         cfg = build_config(algo, config, overrides, steps=steps, seed=seed)
         if preset is not None:
             presets.check_action_space(preset, open_dataset(data)[1], data)
+    if cfg["run"].init_from and not resume:  # refuse a source that does not fit before anything starts
+        from .warm import initial_weights
+        init = str(Path(cfg["run"].init_from).resolve())
+        cfg["run"] = dataclasses.replace(cfg["run"], init_from=init)
+        initial_weights(_build_algorithm(cfg, open_dataset(data)[1], torch.device("cpu")), cfg["algo_name"], init)
     spec = RunSpec(cfg=cfg, data=data, run_dir=str(run_dir), resume=resume,
                    checkpoint=str(state_path) if state_path is not None else None, data_changes=history,
                    data_changed_now=resume and change is not None, submitted=submitted)

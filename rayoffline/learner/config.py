@@ -103,6 +103,10 @@ class RunConfig:
     measured 1.03-1.51x the eager step, against 0.94-1.34x at K=16; off for shorter runs, which would not win
     back 20-150 s of compiling, and for data-parallel workers). Compile time is reported apart (result.json
     compile_s), not in updates/s."""
+    init_from: str = ""
+    """Warm start: a run directory or checkpoint file whose network weights (and observation normalization) this
+    run starts from, at step 0 with fresh optimizers (rayoffline/learner/warm.py); same algorithm and network
+    sizes. Empty: random initialization."""
     precision: str = "fp32"
     """'fp32', or 'bf16': the algorithms' forward passes under bfloat16 autocast (matmuls in bf16; weights,
     gradients and Adam state stay fp32). For GPUs with bf16 tensor cores; CPUs without bf16 units run it slower."""

@@ -172,6 +172,9 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
     threads = set_threads(run.threads, device)
     data_dir, meta = open_dataset(spec.data)
     algorithm = _build_algorithm(cfg, meta, device)  # validates the action space before anything is written
+    if run.init_from and (ctx.checkpoint or spec.checkpoint) is None:  # a warm start (a resumed run has its own)
+        from .warm import warm_start
+        warm_start(algorithm, cfg["algo_name"], run.init_from)
     if run.eval_episodes and lead:  # fail now, not after training, when the environment cannot be recovered
         from ..evaluation.rollout import make_env
         make_env(meta.get("env_id"), meta.get("env_spec"))

@@ -697,6 +697,9 @@ def available_metrics(sweep: Sweep, meta: dict[str, Any]) -> tuple[set[str], dic
     for label, values in variants:
         config = merge(json.loads(json.dumps(sweep.config)), nest_dotted(values))
         built = build_config(sweep.algo, config)
+        if built["run"].init_from and sweep.fuse:
+            raise _err("config.init_from", "a warm start is applied by unfused trials only (a pack builds its "
+                                           "members from scratch); set fuse: false")
         eval_on = built["run"].eval_episodes > 0
         ident = json.dumps([to_dict(built["members"][0]), eval_on], sort_keys=True)
         if ident not in cache:

@@ -282,6 +282,11 @@ def test_check_metric(pendulum_meta):
             S.check_metric(S.load_sweep(sweep(metric="ope/wis", config=ope_cfg, fuse=fuse)), pendulum_meta)
     with pytest.raises(ConfigError, match="no trial reports 'ope/fqe'"):
         S.check_metric(S.load_sweep(sweep(metric="ope/fqe")), pendulum_meta)
+    # a warm start (run key init_from) is applied by unfused trials only
+    warm_cfg = {**BASE["config"], "init_from": "runs/production"}
+    S.check_metric(S.load_sweep(sweep(config=warm_cfg, fuse=False)), pendulum_meta)
+    with pytest.raises(ConfigError, match="config.init_from.*fuse: false"):
+        S.check_metric(S.load_sweep(sweep(config=warm_cfg, fuse=True)), pendulum_meta)
     # the Lagrange multiplier's loss exists only in configurations with cql_lagrange
     lagrange = sweep(metric="loss/cql_alpha", space={"algo.cql_lagrange": {"choice": [True, False]}})
     with pytest.raises(ConfigError, match="not with algo.cql_lagrange=False"):
