@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--device", default="cpu", help="torch device for the fits (default cpu), e.g. cuda")
     o.add_argument("--seed", type=int, default=0, help="seed of the fits and the bootstrap (default 0)")
 
+    rt = sub.add_parser("retrain", help="a retraining job: append new data, train a candidate, evaluate it beside the "
+                                        "registry's production version, promote it only if it is better")
+    rt.add_argument("job", help="job YAML (name, registry, data, train, evaluate, gate; see the README)")
+    rt.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job key, e.g. gate.margin=5")
+
     from .registry.commands import HELP as REGISTRY_HELP, add_arguments as registry_arguments
     registry_arguments(sub.add_parser("registry", help="versioned models and aliases (list, show, promote, rollback, "
                                                        "register)", description=REGISTRY_HELP,
@@ -269,6 +274,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                       device=args.device, progress=True, seed=args.seed, **extra)
         print(format_table(out))
         print(f"wrote {args.run_dir.rstrip('/')}/ope.json")
+        return 0
+    if args.command == "retrain":
+        from .retrain import run_job
+        run_job(args.job, overrides=args.set)
         return 0
     if args.command == "registry":
         from .registry.commands import run as registry_run

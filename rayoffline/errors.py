@@ -12,6 +12,14 @@ class DataError(RayOfflineError):
     """A dataset source or a converted dataset is missing, unreadable or inconsistent."""
 
 
+class DuplicatePartition(DataError):
+    """`append` of a source whose transitions are already a partition of the dataset (same content hash)."""
+
+    def __init__(self, message: str, partition: str) -> None:
+        super().__init__(message)
+        self.partition = partition
+
+
 class ConfigError(RayOfflineError):
     """A configuration key, value or combination is invalid."""
 

@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, RayOfflineError, DataWarning
+from ..errors import DataError, DataWarning, DuplicatePartition, RayOfflineError
 from .metadata import (Moments, build_metadata, episode_returns, partition_hash, piece_digest, piece_rows,
                        pool_moments, read_metadata, write_metadata)
 from .schema import COLUMNS, OPTIONAL_COLUMNS
@@ -268,10 +268,11 @@ def _append_locked(source: str, root: Location, mapping: dict[str, str] | None, 
         same = [p for p in meta["partitions"] if p.get("content_hash") == part_hash]
         if same and not allow_duplicate:
             p = same[0]
-            raise DataError(f"{res.source_id}: its {res.rows} transitions are already in {root} as partition "
-                            f"{p['name']} (from {p.get('source')}, same content hash {part_hash[:12]}); appending "
-                            f"them again would count those episodes twice - pass --allow-duplicate "
-                            f"(allow_duplicate=True) if that is what you want")
+            raise DuplicatePartition(f"{res.source_id}: its {res.rows} transitions are already in {root} as "
+                                     f"partition {p['name']} (from {p.get('source')}, same content hash "
+                                     f"{part_hash[:12]}); appending them again would count those episodes twice - "
+                                     f"pass --allow-duplicate (allow_duplicate=True) if that is what you want",
+                                     p["name"])
         others = [p["name"] for p in meta["partitions"] if bool(p.get("action_logp")) != bool(res.action_logp)]
         if others:  # a mix: the dataset as a whole has no logged probabilities (schema.py)
             res.notes.append(_logp_note(res.source_id, name, bool(res.action_logp), others))

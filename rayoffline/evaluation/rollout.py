@@ -37,7 +37,8 @@ def make_env(env_id: str | None, env_spec_json: str | None = None):
 
 
 def evaluate(algorithm: Any, metadata: dict[str, Any], episodes: int, seed: int = 0) -> dict[str, Any]:
-    """Returns per-member lists: return_mean, return_std, normalized_score (None when no reference)."""
+    """Returns per-member lists: return_mean, return_std, normalized_score (None when no reference), returns
+    (each member's per-episode returns)."""
     import gymnasium as gym
 
     k = algorithm.K
@@ -64,6 +65,7 @@ def evaluate(algorithm: Any, metadata: dict[str, Any], episodes: int, seed: int 
         "return_std": std.tolist(),
         "normalized_score": [normalized_score(m, metadata) for m in mean.tolist()],
         "episodes": episodes,
+        "returns": per.tolist(),
     }
 
 
