@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write one member's policy as a standalone TorchScript or ONNX file "
                                       "(observation normalization and action scaling inside; no rayoffline needed)")
-    x.add_argument("run_dir", help="run directory (`rayoffline train --out DIR`); its latest checkpoint is exported")
+    x.add_argument("run_dir", metavar="RUN_DIR|VERSION",
+                   help="run directory (`rayoffline train --out DIR`; its latest checkpoint is exported), or with "
+                        "--registry a version (v3) or an alias (production)")
+    x.add_argument("--registry", default=None, metavar="URI",
+                   help="model registry holding VERSION (rayoffline registry); the version's member is exported")
     x.add_argument("--format", required=True, choices=["torchscript", "onnx"],
                    help="torchscript (load with torch.jit.load) or onnx (needs pip install 'rayoffline[export]')")
     x.add_argument("--out", required=True, metavar="FILE", help="the file to write, e.g. policy.pt or policy.onnx")
@@ -256,7 +260,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return eval_from_cli(args)
     if args.command == "export":
         from .export import describe, export_policy
-        print(describe(export_policy(args.run_dir, args.format, args.out, member=args.member, force=args.force)))
+        source = args.run_dir
+        if args.registry is not None:
+            from .registry import Registry
+            source = Registry.open(args.registry).checkout(args.run_dir)
+        print(describe(export_policy(source, args.format, args.out, member=args.member, force=args.force)))
         return 0
     if args.command == "tune":
         from .sweep.run import tune

@@ -231,3 +231,23 @@ def test_every_algorithm_exports_member_k_exactly(name, kind):
     for b in (1, 40):
         got = torch.from_numpy(sess.run(None, {"observations": obs[:b].numpy()})[0])
         assert got.dtype == want.dtype and torch.allclose(got.float(), want[:b].float(), atol=1e-5, rtol=0)
+
+
+def test_a_registered_version_exports_by_its_alias(runs, tmp_path, capsys):
+    """`rayoffline export production --registry URI`: the version's member (here member 1 of a K=2 run)."""
+    from rayoffline.cli import main
+    from rayoffline.registry import Registry
+    run_dir, obs = runs["iql"]
+    reg = Registry.open(tmp_path / "registry", create=True)
+    v = reg.register(run_dir, member=1)
+    reg.promote("production", v.version)
+    out = tmp_path / "prod.pt"
+    assert main(["export", "production", "--registry", str(tmp_path / "registry"), "--format", "torchscript",
+                 "--out", str(out)]) == 0
+    with torch.no_grad():
+        got = torch.jit.load(str(out))(obs)
+    assert torch.allclose(got, _expected(run_dir, obs, 1), atol=1e-5, rtol=0)
+    assert read_metadata(out)["seed"] == 1
+    assert main(["export", "staging", "--registry", str(tmp_path / "registry"), "--format", "torchscript",
+                 "--out", str(tmp_path / "x.pt")]) == 2
+    assert "staging" in capsys.readouterr().err
