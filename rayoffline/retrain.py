@@ -274,6 +274,8 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
         split(data_dir, job.data.holdout, seed=job.data.holdout_seed)
         say(f"retrain: held out {job.data.holdout:g} of the episodes for evaluation (seed {job.data.holdout_seed})")
         _, meta = open_dataset(job.data.dataset)
+    from .evaluation.offpolicy import check_run_ope
+    check_run_ope(job.evaluate.estimators, meta, data_dir, key="job key 'evaluate.estimators'")
     run_id = f"{job.name}-{meta['content_hash'][:12]}"
     work = Path(job.work_dir) / run_id
     # 3. train

@@ -49,8 +49,9 @@ from .ope import ESTIMATORS as IS_FAMILY, Episodes, estimate, percentile_interva
 ESTIMATORS = ("fqe",) + IS_FAMILY + ("mb",)
 DEFAULT_ESTIMATORS = ("fqe", "wis", "pdwis", "dr", "mb")
 NEEDS_LOGGED = ("is", "pdis")
-RUN_ESTIMATORS = ("fqe", "wis", "pdwis", "dr", "mb")
-"""What a run config may request at its eval points (run key `ope`)."""
+RUN_ESTIMATORS = ("fqe", "is", "wis", "pdis", "pdwis", "dr", "mb")
+"""What a run config may request at its eval points (run key `ope`; is and pdis on data with logged
+probabilities only: check_run_ope)."""
 
 
 @dataclass
@@ -332,6 +333,20 @@ def _fqe_seeds(settings: OPESettings, k: int) -> list[int]:
         raise ConfigError(f"OPE setting fqe_seeds: {len(settings.fqe_seeds)} seeds for {k} policies; give one per "
                           f"member evaluated")
     return [int(s) for s in settings.fqe_seeds]
+
+
+def check_run_ope(names: Sequence[str], meta: dict[str, Any], data_dir: Any, key: str = "run key 'ope'") -> None:
+    """What a run (or a pack's trial, a retraining job) asking for `names` at its eval points needs from its data,
+    checked before training: a held-out split, and logged probabilities for is/pdis."""
+    from ..data.holdout import held_out_ids, no_split_message
+    from ..data.metadata import has_action_logp
+    if held_out_ids(meta) is None:
+        raise DataError(f"{key}: {no_split_message(data_dir)}")
+    logged = [n for n in names if n in NEEDS_LOGGED]
+    if logged and not has_action_logp(meta):
+        raise ConfigError(f"{key}: {logged[0]!r} (plain importance sampling) needs the behavior policy's logged "
+                          f"action probabilities, and {data_dir} has none (no action_logp column in every "
+                          f"partition); use wis, pdwis or dr, which fit a behavior model")
 
 
 def run_metrics(algorithm, data_dir: Any, meta: dict[str, Any], names: Sequence[str], fqe_steps: int,

@@ -57,7 +57,8 @@ class RunConfig:
     """At most this many episodes (chosen by `seed`) are scored by the diagnostics."""
     ope: tuple[str, ...] = ()
     """Off-policy estimators to compute at each evaluation point on the dataset's held-out episodes, logged as
-    `ope/<estimator>` per member (a Tune metric for data without an environment): fqe, wis, pdwis, dr, mb
+    `ope/<estimator>` per member (a Tune metric for data without an environment): fqe, wis, pdwis, dr, mb, and
+    is, pdis on data with logged action probabilities
     (rayoffline/evaluation/offpolicy.py). Each point fits FQE (and the first one the behavior/dynamics models)."""
     ope_steps: int = 5000
     """FQE updates per OPE point (run key `ope`)."""

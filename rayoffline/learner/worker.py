@@ -21,7 +21,7 @@ import yaml
 from .. import algorithms
 from ..batch import Batch
 from ..config import to_dict
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..spec import EnvSpec
 from . import checkpoint as ckpt
 from .config import RunConfig, config_to_yaml
@@ -227,9 +227,8 @@ def run_training(spec: RunSpec, ctx: WorkerContext | None = None) -> dict[str, A
             + (f", kept from the checkpoint: this run's setting on this dataset would give {configured[0]:.6g} * r + "
                f"{configured[1]:g}" if learner.reward != configured else ""))
     if run.ope and lead:  # fail now, not at the first eval point
-        from ..data.holdout import held_out_ids, no_split_message
-        if held_out_ids(meta) is None:
-            raise DataError(f"run key 'ope': {no_split_message(data_dir)}")
+        from ..evaluation.offpolicy import check_run_ope
+        check_run_ope(run.ope, meta, data_dir)
     diagnostics = make_diagnostics(run, data_dir, meta, algorithm, learner, say) if lead else None
     created = not run_dir.exists()
     fresh = spec.in_process and not spec.resume and checkpoint is None

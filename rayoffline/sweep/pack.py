@@ -119,10 +119,8 @@ class Pack:
         from ..learner.worker import _build_algorithm, make_learner
         cfg = config if "algo_name" in config else build_config(self.algo, config)
         if cfg["run"].ope:  # as a solo run: fail now, not at the first eval point
-            from ..data.holdout import held_out_ids, no_split_message
-            from ..errors import DataError
-            if held_out_ids(self.meta) is None:
-                raise DataError(f"run key 'ope': {no_split_message(self.data_path)}")
+            from ..evaluation.offpolicy import check_run_ope
+            check_run_ope(cfg["run"].ope, self.meta, self.data_path)
         # the trial's members as a learner of their own: a fresh one's initial state is exactly a solo run's,
         # and a checkpoint that does not fit fails this trial here, not the pack
         own = make_learner(_build_algorithm(cfg, self.meta, self.device), self.data, cfg, self.meta, self.data_arg,

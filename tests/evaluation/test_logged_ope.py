@@ -235,3 +235,20 @@ def test_rayoffline_ope_runs_is_and_pdis_on_logged_data(tmp_path, capsys):
     assert saved["content_hash"] == read_metadata(data_dir)["content_hash"]
     for rows in saved["estimates"].values():
         assert math.isfinite(rows[0]["value"]) and rows[0]["low"] <= rows[0]["value"] <= rows[0]["high"]
+
+
+def test_a_run_may_ask_for_is_at_its_eval_points_only_on_logged_data(tmp_path, capsys):
+    mdp = Tabular()
+    logged, _ = _dataset(tmp_path, "logged", mdp.rows(200, 0))
+    plain, _ = _dataset(tmp_path, "plain", mdp.rows(200, 0), logged=False)
+    args = ["--steps", "30", "--set", "eval_episodes=0", "--set", "progress=off", "--set", "algo.hidden=[16, 16]",
+            "--set", "ope=[is, pdis]", "--set", "ope_steps=10", "--set", "diagnostics=off"]
+    assert main(["train", "--algo", "bc", "--data", logged, "--out", str(tmp_path / "a"), *args]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "ope/is" in r][-1]
+    assert math.isfinite(last["ope/is"]) and math.isfinite(last["ope/pdis"])  # K=1: a number
+    capsys.readouterr()
+    assert main(["train", "--algo", "bc", "--data", plain, "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "run key 'ope': 'is'" in err and "logged action probabilities" in err
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()

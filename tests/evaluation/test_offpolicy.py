@@ -87,7 +87,7 @@ def test_a_run_can_request_ope_metrics_at_its_eval_points(trained, tmp_path, cap
     assert "run key 'ope'" in capsys.readouterr().err and not (tmp_path / "r2").exists()
     assert main(["train", "--algo", "bc", "--data", str(ds), "--steps", "10", "--out", str(tmp_path / "r3"),
                  "--set", "ope=[is]"]) == 2
-    assert "config key 'ope'" in capsys.readouterr().err
+    assert "run key 'ope': 'is'" in capsys.readouterr().err
 
 
 def test_estimates_of_a_policy_outside_the_datas_support_carry_a_warning(tmp_path):
