@@ -196,6 +196,8 @@ def load_job(source: str | Path | dict[str, Any], overrides: list[str] | None = 
     warm = t.get("warm_start", True)
     if not isinstance(warm, (bool, str)):
         raise _err("train.warm_start", f"true, false, or a version id / alias, got {warm!r}")
+    if t.get("sweep") is not None and not isinstance(t["sweep"], (str, dict)):
+        raise _err("train.sweep", f"a sweep YAML file or mapping, got {t['sweep']!r}")
     if t.get("sweep") is not None and t.get("config") is not None:
         raise _err("train.config", "a sweep carries its own config (its `config:`); give train.sweep or "
                                    "train.config, not both")

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -162,3 +163,29 @@ def test_bad_jobs_are_refused_before_training(sources, tmp_path, capsys):
     with pytest.raises(ConfigError, match="algo.hidden|has shape"):
         run_job(_job(tmp_path, 10, train={"config": {**SMALL, "algo": {"hidden": [32, 32]}}}), say=lambda s: None)
     assert json.loads(json.dumps(load_job(_job(tmp_path, 10)).gate.__dict__))["first"] == "promote"
+
+
+def test_a_job_can_train_its_candidate_with_a_sweep(ray_cluster, sources, tmp_path):
+    """train.sweep: the candidate is the best trial's best member; a warm-started sweep runs unfused."""
+    convert(str(sources["first"]), tmp_path / "data", env_id="Pendulum-v1")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "algo": "iql", "data": "builtin:pendulum-medium",  # replaced by the job's dataset
+        "config": {"steps": 100, "log_every": 50, "eval_episodes": 2, "checkpoint_every": 0, "progress": "off",
+                   "diagnostics": "off", "algo": {"hidden": [32, 32]}},
+        "space": {"algo.beta": {"grid": [1.0, 3.0]}}, "seeds": 1, "metric": "eval/return_mean", "mode": "max",
+        "fuse": False, "resources": {"cpus": 1}}))
+    job = _job(tmp_path, 100)
+    job["train"] = {"sweep": str(sweep)}
+    first = run_job(job, say=lambda s: None)
+    assert first["outcome"] == "promote" and "/sweep/" in first["candidate"]["run_dir"]
+    rows = json.loads(json.dumps(first["candidate"]))
+    assert rows["step"] == 100
+    job["data"]["append"] = [str(sources["second"])]
+    second = run_job(job, say=lambda s: None)  # warm-started from the first (an unfused sweep)
+    reg = Registry.open(tmp_path / "registry")
+    assert reg.get(second["candidate"]["version"]).parent == first["candidate"]["version"]
+    trial_cfg = yaml.safe_load((Path(second["candidate"]["run_dir"]) / "config.yaml").read_text())
+    assert Path(trial_cfg["init_from"]) == reg.checkout(first["candidate"]["version"]).resolve()
+    assert second["outcome"] in ("promote", "refuse") and second["incumbent"]["version"] == \
+        first["candidate"]["version"]
