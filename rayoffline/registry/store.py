@@ -496,10 +496,11 @@ class Registry:
         raise RegistryError(f"{d}: could not allocate a decision id")
 
     def decisions(self) -> list[dict[str, Any]]:
-        """Every decision record, oldest first."""
+        """Every decision record, oldest first (by their millisecond times; ids only name the second)."""
         d = self.root / "decisions"
         ids = sorted(m.group(1) for n in d.listdir() if (m := _DECISION.match(n)))
-        return [self._read_json(d / f"{i}.json") for i in ids]
+        records = [self._read_json(d / f"{i}.json") for i in ids]
+        return sorted(records, key=lambda r: (str(r.get("time", "")), str(r.get("id", ""))))
 
     def decision(self, ident: str) -> dict[str, Any]:
         """One decision record by id."""

@@ -189,3 +189,24 @@ def test_a_job_can_train_its_candidate_with_a_sweep(ray_cluster, sources, tmp_pa
     assert Path(trial_cfg["init_from"]) == reg.checkout(first["candidate"]["version"]).resolve()
     assert second["outcome"] in ("promote", "refuse") and second["incumbent"]["version"] == \
         first["candidate"]["version"]
+
+
+def test_a_job_that_loses_the_promotion_race_changes_nothing_and_says_so(sources, tmp_path):
+    """Another job promotes while this one evaluates: the compare-and-swap fails, the alias keeps the other job's
+    version, and a `conflict` decision is recorded."""
+    from rayoffline.registry import AliasConflict
+    convert(str(sources["first"]), tmp_path / "data", env_id="Pendulum-v1")
+    first = run_job(_job(tmp_path, 50), say=lambda s: None)
+    reg = Registry.open(tmp_path / "registry")
+    other = reg.register(first["candidate"]["run_dir"], job={"name": "other"})
+
+    def meanwhile(line: str) -> None:  # the other job promotes while this one evaluates
+        if line.startswith("retrain: evaluating"):
+            reg.promote("production", other.version, reason="the other job")
+    with pytest.raises(AliasConflict):
+        run_job(_job(tmp_path, 300, [sources["second"]], gate={"margin": -1e6}), say=meanwhile)  # would promote
+    assert reg.alias("production") == other.version
+    (last,) = [d for d in reg.decisions() if d["outcome"] == "conflict"]
+    assert reg.decision(last["decision"])["outcome"] == "promote"  # the decision it could not carry out
+    assert last["incumbent"]["version"] == first["candidate"]["version"]
+    assert other.version in last["reason"]
