@@ -13,6 +13,7 @@
 #   b. updates/s eager vs compiled: CQL at K=1 and K=64, IQL at K=1 (targets: CQL >= 2,000 and IQL >= 5,000 updates/s
 #      at K=1; CQL K=64 >= 10,000 member-updates/s), benchmarks/throughput.py --compile
 #   c. where the time goes, K=1 and K=16, benchmarks/profile_step.py --compile
+#   e. (issue 11) FQE updates/s beside TD3+BC's, K=1 and K=16, eager (benchmarks/throughput.py --algos fqe,td3_bc)
 #   d. bf16 autocast vs fp32: updates/s and the return on pendulum-medium (precision: bf16)
 # Part 2 (issues 7, 8: Ray Train and Tune on a GPU) needs Ray, which the image lacks and whose wheel is larger
 # than what a call may carry (64 MiB); it runs on a GPU machine with the package installed (`make install`):
@@ -49,6 +50,9 @@ if [ "$PART" = 1 ]; then
   timeout 60 $PY benchmarks/throughput.py --devices cuda --compile --algos iql --ks 1 --repeats 3 \
     --json "$OUT/throughput_iql.json" 2>&1 | tail -8 | tee "$OUT/throughput_iql.txt"
   timeout 60 $PY benchmarks/profile_step.py --algos iql --ks 1,16 --compile 2>&1 | tail -8 | tee "$OUT/profile.txt"
+  # issue 11: OPE's FQE beside the learner it evaluates (TD3+BC), member-batched, eager
+  timeout 45 $PY benchmarks/throughput.py --devices cuda --algos fqe,td3_bc --ks 1,16 --repeats 3 \
+    --json "$OUT/throughput_fqe.json" 2>&1 | tail -8 | tee "$OUT/throughput_fqe.txt"
   for prec in fp32 bf16; do
     for seed in 0; do
       timeout 30 $PY -c "
