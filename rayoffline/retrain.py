@@ -27,6 +27,7 @@ A job file (every key but `name`, `registry` and `data.dataset` has a default):
       fqe: {}                           # FQEConfig keys (hidden, lr, tau, target_period, ...)
       online_episodes: 10               # where the dataset names an environment; 0: none
       seed: 0
+      device: auto                      # of the evaluation's fits: cuda when there is one, else cpu
     gate:
       metric: auto                      # online | ope/<estimator>; auto: online where evaluated, else the first
       margin: 0.0                       #   estimator
@@ -104,6 +105,7 @@ class JobEvaluate:
     fqe: dict[str, Any] = field(default_factory=dict)
     online_episodes: int = 10
     seed: int = 0
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -214,8 +216,11 @@ def load_job(source: str | Path | dict[str, Any], overrides: list[str] | None = 
             raise _err(f"evaluate.{key}", f"expected an integer >= {1 if key == 'fqe_steps' else 0}, got {v!r}")
     if not isinstance(e.get("fqe", {}), dict):
         raise _err("evaluate.fqe", f"a mapping of FQE settings, got {e.get('fqe')!r}")
+    device = e.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise _err("evaluate.device", f"'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     evaluate = JobEvaluate(estimators=estimators, fqe_steps=e.get("fqe_steps", 20_000), fqe=dict(e.get("fqe") or {}),
-                           online_episodes=e.get("online_episodes", 10), seed=e.get("seed", 0))
+                           online_episodes=e.get("online_episodes", 10), seed=e.get("seed", 0), device=device)
     g = _section(raw, "gate", JobGate, where)
     gate = JobGate(**g)
     if gate.metric != "auto" and gate.metric != "online" and gate.metric not in {f"ope/{x}" for x in estimators}:
@@ -261,6 +266,9 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
     _check_spaces(meta, inc_dir, incumbent, job, data_dir)
     if warm_dir is not None and job.train.sweep is None:
         _check_warm(job, algo, meta, warm_dir, warm)
+    if job.evaluate.online_episodes > 0 and meta.get("env_id"):  # an environment that cannot be made: say so now
+        from .evaluation.rollout import make_env
+        make_env(meta.get("env_id"), meta.get("env_spec"))
     # 2. data
     appended = []
     for src in job.data.append:
@@ -485,18 +493,19 @@ def _evaluate(job: Job, cand_dir: Path, member: int, inc_dir: Path | None, data:
     from .evaluation.offpolicy import OPESettings, estimate_policy
     from .evaluation.policies import LearnedPolicy, stack_policies
     from .learner.api import load_run
-    cand, _, state = load_run(cand_dir)
+    e = job.evaluate
+    dev = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cand, _, state = load_run(cand_dir, device=dev)
     gamma = float(cand.coef("discount")[member])
     parts = [LearnedPolicy(cand).select([member])]
     inc = None
     if inc_dir is not None:
-        inc = load_run(inc_dir)[0]
+        inc = load_run(inc_dir, device=dev)[0]
         parts.append(LearnedPolicy(inc))
     policy = stack_policies(parts)
-    e = job.evaluate
     settings = OPESettings(estimators=tuple(e.estimators), fqe_steps=e.fqe_steps, fqe=dict(e.fqe),
                            level=job.gate.confidence, seed=e.seed, bootstrap=1000)
-    res = estimate_policy(policy, cand.norm_actions, data, meta, gamma, settings, torch.device("cpu"))
+    res = estimate_policy(policy, cand.norm_actions, data, meta, gamma, settings, torch.device(dev))
     out: dict[str, Any] = {"holdout": res["holdout"], "candidate": {"step": int(state["step"]), "ope": {}},
                            "incumbent": {"ope": {}}}
     for name, rows in res["estimates"].items():
