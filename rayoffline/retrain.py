@@ -48,6 +48,7 @@ Steps, and what a kill at each leaves behind (production changes only in the las
 4. Evaluate the candidate and the incumbent (OPE, online).
 5. Register the candidate (a version exists once complete; a re-run finds the version this job already
    registered for the same run and step instead of adding another), record the decision with its evidence.
+   (A re-run after the job promoted, with no new data, finds the alias already on its candidate and stops.)
 6. Promote: a compare-and-swap of the alias from the incumbent read in step 1 (registry/store.py). Another job
    that promoted meanwhile makes this one fail with a conflict, recorded as a decision; the alias keeps the
    other job's version.
@@ -288,6 +289,11 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
     check_run_ope(job.evaluate.estimators, meta, data_dir, key="job key 'evaluate.estimators'")
     run_id = f"{job.name}-{meta['content_hash'][:12]}"
     work = Path(job.work_dir) / run_id
+    if incumbent is not None and registry.get(incumbent).job.get("run_id") == run_id:
+        say(f"retrain {job.name}: {job.alias} already holds {incumbent}, this job's candidate for this data "
+            f"(content hash {meta['content_hash'][:12]}); nothing to do")
+        return {"job": job.name, "run_id": run_id, "alias": job.alias, "outcome": "unchanged",
+                "candidate": {"version": incumbent}, "reason": "already promoted for this data"}
     # 3. train
     cand_dir, member = _train(job, algo, str(data_dir), warm_dir, work, say)
     # 4. evaluate

@@ -133,6 +133,11 @@ def test_jobs_killed_in_training_or_before_promoting_change_nothing_and_can_be_r
     assert "already trained" in out and "PROMOTE" in out, out
     assert len(reg.versions()) == versions
     assert reg.alias("production") != first["candidate"]["version"]
+    # and once more: nothing new to do
+    proc = _cli(job_file)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "nothing to do" in out, out
+    assert len(reg.versions()) == versions and len(reg.history("production")) == len(before) + 1
 
 
 def test_bad_jobs_are_refused_before_training(sources, tmp_path, capsys):
