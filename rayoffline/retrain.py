@@ -301,7 +301,8 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
     evidence = _evaluate(job, cand_dir, member, inc_dir, str(data_dir), meta)
     # 5. decide, register, record
     metric, outcome, reason = _decide(job, evidence, incumbent)
-    version = _register(registry, job, run_id, cand_dir, member, warm, evidence)
+    version = _register(registry, job, run_id, cand_dir, member, warm, evidence, str(data_dir),
+                        meta.get("content_hash"))
     decision = {"job": job.name, "run_id": run_id, "job_file": job.source, "alias": job.alias,
                 "outcome": outcome, "reason": reason,
                 "gate": {**dataclasses.asdict(job.gate), "metric": metric},
@@ -560,15 +561,18 @@ def _decide(job: Job, evidence: dict[str, Any], incumbent: str | None) -> tuple[
 
 
 def _register(registry, job: Job, run_id: str, cand_dir: Path, member: int, warm: str | None,
-              evidence: dict[str, Any]) -> str:
+              evidence: dict[str, Any], data: str, content_hash: str | None) -> str:
     """The candidate's version: the one this job registered for the same run and step (a re-run), else new."""
     step = evidence["candidate"]["step"]
     for v in registry.versions():
         if v.job.get("run_id") == run_id and v.source_run == str(cand_dir.resolve()) and v.step == step \
                 and v.member == member:
             return v.version
-    metrics = {"retrain": {k: v for k, v in evidence["candidate"].items() if k != "step"},
-               "holdout": evidence["holdout"]}
+    # the OPE in the shape `registry list/show` read from a run's ope.json; the job's online evaluation apart
+    metrics = {"ope": {"estimates": evidence["candidate"]["ope"], "level": job.gate.confidence,
+                       "gamma": evidence["holdout"]["gamma"], "data": data, "content_hash": content_hash,
+                       "same_data": True, "holdout": evidence["holdout"]},
+               "retrain": {k: v for k, v in evidence["candidate"].items() if k not in ("step", "ope")}}
     job_rec = {"name": job.name, "run_id": run_id, "file": job.source, "host": socket.gethostname(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return registry.register(cand_dir, member=member, metrics=metrics, parent=warm, job=job_rec).version

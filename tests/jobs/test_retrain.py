@@ -78,7 +78,8 @@ def test_the_first_candidate_is_promoted_and_a_better_one_replaces_it(history):
     v2 = reg.get(d2["candidate"]["version"])
     assert v2.parent == d1["candidate"]["version"] and v2.job["name"] == "pendulum"
     assert v2.dataset["content_hash"] == d2["data"]["content_hash"] and d2["data"]["partitions"] == 2
-    assert "ope" in v2.metrics["retrain"] and "fqe" in d2["candidate"]["ope"]
+    assert v2.metrics["ope"]["estimates"]["fqe"] == d2["candidate"]["ope"]["fqe"]
+    assert v2.metrics["retrain"]["online"] == d2["candidate"]["online"]
     assert any("PROMOTE" in line for line in said)
 
 
