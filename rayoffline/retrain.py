@@ -288,7 +288,7 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
     from .evaluation.offpolicy import check_run_ope
     check_run_ope(job.evaluate.estimators, meta, data_dir, key="job key 'evaluate.estimators'")
     run_id = f"{job.name}-{meta['content_hash'][:12]}"
-    work = Path(job.work_dir) / run_id
+    work = Path(job.work_dir).resolve() / run_id  # absolute in every record (a relative one is the cwd's)
     if incumbent is not None and registry.get(incumbent).job.get("run_id") == run_id:
         say(f"retrain {job.name}: {job.alias} already holds {incumbent}, this job's candidate for this data "
             f"(content hash {meta['content_hash'][:12]}); nothing to do")
@@ -303,7 +303,8 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
     metric, outcome, reason = _decide(job, evidence, incumbent)
     version = _register(registry, job, run_id, cand_dir, member, warm, evidence, str(data_dir),
                         meta.get("content_hash"))
-    decision = {"job": job.name, "run_id": run_id, "job_file": job.source, "alias": job.alias,
+    decision = {"job": job.name, "run_id": run_id, "job_file": job.source, "job_config": dataclasses.asdict(job),
+                "alias": job.alias,
                 "outcome": outcome, "reason": reason,
                 "gate": {**dataclasses.asdict(job.gate), "metric": metric},
                 "candidate": {"version": version, "run_dir": str(cand_dir), "member": member,
