@@ -311,7 +311,9 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
                               **evidence["candidate"]},
                 "incumbent": None if incumbent is None else {"version": incumbent, **evidence["incumbent"]},
                 "data": {"dataset": str(data_dir), "content_hash": meta.get("content_hash"),
-                         "appended": appended, "partitions": len(meta.get("partitions") or [])},
+                         "appended": appended, "partitions": len(meta.get("partitions") or []),
+                         "new_since_incumbent": _new_partitions(meta, registry.get(incumbent) if incumbent
+                                                                else None)},
                 "holdout": evidence["holdout"], "warm_start": warm, "host": socket.gethostname(),
                 "wall_s": round(time.time() - t0, 1)}
     decision["id"] = registry.record_decision(decision)
@@ -329,6 +331,12 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
             raise
     say(format_decision(decision))
     return decision
+
+
+def _new_partitions(meta: dict[str, Any], incumbent) -> list[str]:
+    """The dataset's partitions (names) whose content the incumbent was not trained on (all without one)."""
+    seen = {p.get("content_hash") for p in (incumbent.dataset.get("partitions") or [])} if incumbent else set()
+    return [p["name"] for p in meta.get("partitions") or [] if p.get("content_hash") not in seen]
 
 
 def _probe(registry, job: Job) -> None:

@@ -92,6 +92,8 @@ def test_a_candidate_trained_on_corrupted_data_is_refused_with_its_evidence(hist
     assert recorded["outcome"] == "refuse" and recorded["candidate"]["online"]["value"] < \
         recorded["incumbent"]["online"]["value"]
     assert "is not above" in recorded["reason"] and recorded["data"]["partitions"] == 3
+    assert recorded["data"]["new_since_incumbent"] == ["part-00002"] and d2["data"]["new_since_incumbent"] == \
+        ["part-00001"] and d1["data"]["new_since_incumbent"] == ["part-00000"]
     # the refused candidate is still a version (its evidence points at it), just not production
     assert reg.get(d3["candidate"]["version"]).parent == d2["candidate"]["version"]
 
