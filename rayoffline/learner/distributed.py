@@ -242,6 +242,7 @@ def train_on_ray(spec: RunSpec, start: int, verbose: bool = False) -> dict[str, 
 
     run: RunConfig = spec.cfg["run"]
     run_dir = Path(spec.run_dir).absolute()
+    spec.run_dir = str(run_dir)  # the workers' working directory is not the driver's: a relative --out is lost there
     if run.gpus_per_worker == 0 and run.device.startswith("cuda"):
         raise ConfigError("config key 'device': cuda needs gpus_per_worker > 0 for Ray Train workers")
     data_dir, meta = open_dataset(spec.data)

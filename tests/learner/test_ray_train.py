@@ -28,10 +28,11 @@ def _losses(rows: list[dict]) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("loss/")} for r in rows}
 
 
-def test_two_workers_match_one_process_and_resume_with_another_worker_count(ray_cluster, tmp_path):
+def test_two_workers_match_one_process_and_resume_with_another_worker_count(ray_cluster, tmp_path, monkeypatch):
     solo, dist = tmp_path / "solo", tmp_path / "dist"
     rayoffline.train("iql", "builtin:pendulum-medium", solo, steps=80, config=CFG)
-    result = rayoffline.train("iql", "builtin:pendulum-medium", dist, steps=40,
+    monkeypatch.chdir(tmp_path)  # a relative run directory: the workers' working directory is not the driver's
+    result = rayoffline.train("iql", "builtin:pendulum-medium", "dist", steps=40,
                               config={**CFG, "num_workers": 2, "data_mode": "replicate"})
     assert result["num_workers"] == 2 and result["steps"] == 40
     assert sorted(p.name for p in (dist / "checkpoints").iterdir()) == ["step_00000040.pt"]
