@@ -129,7 +129,8 @@ def test_promote_rollback_history_and_decisions(trained, tmp_path):
     a = reg.record_decision({"candidates": ["v2", "v3"], "chosen": "v3", "evidence": {"fqe": [1.5, 2.0]}})
     b = reg.record_decision({"chosen": None})
     got = reg.decisions()
-    assert [d["id"] for d in got] == sorted([a, b]) and reg.decision(a)["evidence"] == {"fqe": [1.5, 2.0]}
+    assert sorted(d["id"] for d in got) == sorted([a, b]) and reg.decision(a)["evidence"] == {"fqe": [1.5, 2.0]}
+    assert [d["time"] for d in got] == sorted(d["time"] for d in got)  # oldest first (ids name only the second)
     with pytest.raises(RegistryError, match="key 'id' is set by the registry"):
         reg.record_decision({"id": 3})
 
