@@ -536,7 +536,8 @@ def _evaluate(job: Job, cand_dir: Path, member: int, inc_dir: Path | None, data:
                 continue
             ev = evaluate(alg, meta, e.online_episodes, seed=e.seed)  # the same start states for both
             value, low, high = _interval(np.asarray(ev["returns"][m]), job.gate.confidence, e.seed)
-            out[who]["online"] = {"value": value, "low": low, "high": high, "episodes": e.online_episodes}
+            out[who]["online"] = {"value": value, "low": low, "high": high, "episodes": e.online_episodes,
+                                  "std": ev["return_std"][m], "normalized_score": ev["normalized_score"][m]}
     return out
 
 
@@ -582,6 +583,11 @@ def _register(registry, job: Job, run_id: str, cand_dir: Path, member: int, warm
                        "gamma": evidence["holdout"]["gamma"], "data": data, "content_hash": content_hash,
                        "same_data": True, "holdout": evidence["holdout"]},
                "retrain": {k: v for k, v in evidence["candidate"].items() if k not in ("step", "ope")}}
+    on = evidence["candidate"].get("online")
+    if on is not None:  # the job's evaluation is the version's online metric (what `registry list` shows)
+        metrics["online"] = {"return_mean": on["value"], "return_std": on["std"], "episodes": on["episodes"],
+                             "normalized_score": on["normalized_score"], "low": on["low"], "high": on["high"],
+                             "level": job.gate.confidence, "by": "retrain"}
     job_rec = {"name": job.name, "run_id": run_id, "file": job.source, "host": socket.gethostname(),
                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return registry.register(cand_dir, member=member, metrics=metrics, parent=warm, job=job_rec).version

@@ -80,6 +80,7 @@ def test_the_first_candidate_is_promoted_and_a_better_one_replaces_it(history):
     assert v2.dataset["content_hash"] == d2["data"]["content_hash"] and d2["data"]["partitions"] == 2
     assert v2.metrics["ope"]["estimates"]["fqe"] == d2["candidate"]["ope"]["fqe"]
     assert v2.metrics["retrain"]["online"] == d2["candidate"]["online"]
+    assert v2.metrics["online"]["return_mean"] == d2["candidate"]["online"]["value"]
     assert any("PROMOTE" in line for line in said)
 
 
