@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -61,6 +60,7 @@ from torch.overrides import TorchFunctionMode
 
 from .algorithms.base import Algorithm
 from .errors import ConfigError
+from .learner.checkpoint import json_safe
 
 __all__ = ["export_policy", "read_metadata", "describe", "member_algorithm", "PolicyModule", "prune_unused",
            "trace_torchscript", "to_onnx", "FORMATS"]
@@ -399,18 +399,7 @@ def _metadata(algorithm: Algorithm, meta: dict[str, Any], state: dict[str, Any],
                                "deterministic actions in the environment's units")},
         "rayoffline_version": __version__, "torch_version": torch.__version__,
     }
-    return _finite(record)
-
-
-def _finite(obj: Any) -> Any:
-    """JSON-safe: non-finite floats (e.g. an unbounded config value) as the strings 'inf', '-inf', 'nan'."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    return json_safe(record)
 
 
 def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:

@@ -51,7 +51,6 @@ import getpass
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import socket
@@ -65,6 +64,7 @@ from typing import Any
 
 from ..data.storage import Location, locate
 from ..errors import RayOfflineError
+from ..learner.checkpoint import json_safe
 
 FORMAT = 1
 MARKER = "registry.json"
@@ -189,17 +189,7 @@ def _who() -> str:
 
 def _dumps(obj: Any) -> bytes:
     """Strict JSON (non-finite floats as the strings "inf", "-inf", "nan", as run files write them)."""
-    return (json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n").encode()
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    return (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode()
 
 
 class Registry:
