@@ -48,8 +48,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -60,7 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from .algorithms.base import Algorithm
 from .errors import ConfigError
-from .learner.checkpoint import json_safe
+from .learner.checkpoint import json_safe, write_atomic
 
 __all__ = ["export_policy", "read_metadata", "describe", "member_algorithm", "PolicyModule", "prune_unused",
            "trace_torchscript", "to_onnx", "FORMATS"]
@@ -199,10 +197,10 @@ def export_policy(run_dir: str | Path, fmt: str, out: str | Path, member: int | 
     if fmt == "torchscript":
         text = json.dumps(metadata, indent=2, allow_nan=False)
         with _quiet():
-            _write_atomic(out, lambda f: torch.jit.save(program, f, _extra_files={METADATA_KEY: text}))
+            write_atomic(out, "wb", lambda f: torch.jit.save(program, f, _extra_files={METADATA_KEY: text}))
     else:
         data = program.SerializeToString()
-        _write_atomic(out, lambda f: f.write(data))
+        write_atomic(out, "wb", lambda f: f.write(data))
     return {"out": str(out), "format": fmt, "member": member, "member_from": member_from,
             "bytes": out.stat().st_size, "dropped": dropped, "max_abs_diff": diff,
             "checked_with": checked_with, "metadata": metadata}
@@ -400,18 +398,3 @@ def _metadata(algorithm: Algorithm, meta: dict[str, Any], state: dict[str, Any],
         "rayoffline_version": __version__, "torch_version": torch.__version__,
     }
     return json_safe(record)
-
-
-def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
-    """write(f) into a temporary file beside `path`, then rename it into place: readers never see half a file."""
-    from .learner.checkpoint import publish
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -31,7 +31,7 @@ def save(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int = 3)
     d = checkpoint_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"step_{step:08d}.pt"
-    _write_atomic(path, "wb", lambda f: torch.save({"format_version": FORMAT_VERSION, "step": step, **payload}, f))
+    write_atomic(path, "wb", lambda f: torch.save({"format_version": FORMAT_VERSION, "step": step, **payload}, f))
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -80,7 +80,7 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half of one."""
-    _write_atomic(path, "w", lambda f: f.write(text))
+    write_atomic(path, "w", lambda f: f.write(text))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -100,7 +100,7 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, mode: str, write) -> None:
+def write_atomic(path: Path, mode: str, write) -> None:
     """write(f) into a temporary file beside `path`, fsync, then publish it under `path` (atomic rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

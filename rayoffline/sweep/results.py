@@ -137,7 +137,7 @@ def plot(rows: list[dict[str, Any]], spec, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    ckpt._write_atomic(path, "wb", lambda f: f.write(buf.getvalue()))
+    ckpt.write_atomic(path, "wb", lambda f: f.write(buf.getvalue()))
     return path
 
 
