@@ -19,6 +19,7 @@ import shutil
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 
 from rayoffline.cli import main
@@ -107,6 +108,7 @@ def _train_iql(ds, out, steps: int, *extra: str):
     return load_run(out)[0]
 
 
+@pytest.mark.slow
 def test_fqe_and_dr_rank_pendulum_policies_like_their_online_returns(tmp_path):
     torch.manual_seed(0)
     ds = tmp_path / "pendulum"
