@@ -259,11 +259,13 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
     registry = Registry.open(job.registry, create=True)
     _probe(registry, job)
     incumbent = registry.alias(job.alias)
+    inc_info = registry.get(incumbent) if incumbent is not None else None
     inc_dir = registry.checkout(incumbent) if incumbent is not None else None
     warm = _warm_source(registry, job, incumbent)
+    warm_info = registry.get(warm) if warm is not None else None
     warm_dir = registry.checkout(warm) if warm is not None else None
     data_dir, meta = open_dataset(job.data.dataset)
-    algo = _algo(job, registry, warm, incumbent)
+    algo = _algo(job, warm_info, inc_info)
     _check_spaces(meta, inc_dir, incumbent, job, data_dir)
     if warm_dir is not None and job.train.sweep is None:
         _check_warm(job, algo, meta, warm_dir, warm)
@@ -289,7 +291,7 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
     check_run_ope(job.evaluate.estimators, meta, data_dir, key="job key 'evaluate.estimators'")
     run_id = f"{job.name}-{meta['content_hash'][:12]}"
     work = Path(job.work_dir).resolve() / run_id  # absolute in every record (a relative one is the cwd's)
-    if incumbent is not None and registry.get(incumbent).job.get("run_id") == run_id:
+    if inc_info is not None and inc_info.job.get("run_id") == run_id:
         say(f"retrain {job.name}: {job.alias} already holds {incumbent}, this job's candidate for this data "
             f"(content hash {meta['content_hash'][:12]}); nothing to do")
         return {"job": job.name, "run_id": run_id, "alias": job.alias, "outcome": "unchanged",
@@ -312,8 +314,7 @@ def run_job(source: str | Path | dict[str, Any], overrides: list[str] | None = N
                 "incumbent": None if incumbent is None else {"version": incumbent, **evidence["incumbent"]},
                 "data": {"dataset": str(data_dir), "content_hash": meta.get("content_hash"),
                          "appended": appended, "partitions": len(meta.get("partitions") or []),
-                         "new_since_incumbent": _new_partitions(meta, registry.get(incumbent) if incumbent
-                                                                else None)},
+                         "new_since_incumbent": _new_partitions(meta, inc_info)},
                 "holdout": evidence["holdout"], "warm_start": warm, "host": socket.gethostname(),
                 "wall_s": round(time.time() - t0, 1)}
     decision["id"] = registry.record_decision(decision)
@@ -367,7 +368,9 @@ def _warm_source(registry, job: Job, incumbent: str | None) -> str | None:
         raise ConfigError(f"job key 'train.warm_start': {e}") from None
 
 
-def _algo(job: Job, registry, warm: str | None, incumbent: str | None) -> str | None:
+def _algo(job: Job, warm, incumbent) -> str | None:
+    """The candidate's algorithm: train.algo, else that of the warm-start version (or the incumbent's);
+    warm, incumbent: their VersionInfo or None."""
     from . import algorithms
     algo = job.train.algo
     if job.train.sweep is not None:
@@ -376,13 +379,13 @@ def _algo(job: Job, registry, warm: str | None, incumbent: str | None) -> str | 
         ref = warm or incumbent
         if ref is None:
             raise _err("train.algo", "required for the first job (no version to take the algorithm from)")
-        algo = registry.get(ref).algo
+        algo = ref.algo
     try:
         algorithms.get(algo)
     except RayOfflineError as e:
         raise _err("train.algo", str(e)) from None
-    if warm is not None and registry.get(warm).algo != algo:
-        raise _err("train.warm_start", f"{warm} is a {registry.get(warm).algo!r} model and the candidate trains "
+    if warm is not None and warm.algo != algo:
+        raise _err("train.warm_start", f"{warm.version} is a {warm.algo!r} model and the candidate trains "
                                        f"{algo!r}; warm-start from a version of the same algorithm, or set "
                                        f"warm_start: false")
     return algo
@@ -493,24 +496,18 @@ def _sweep(job: Job, data: str, warm_dir: Path | None, work: Path, say) -> tuple
     return run_dir, _best_member(run_dir)
 
 
-def _interval(values: np.ndarray, level: float, seed: int, bootstrap: int = 1000) -> tuple[float, float, float]:
-    from .evaluation.ope import percentile_interval
-    rng = np.random.default_rng(seed)
-    draws = values[rng.integers(0, len(values), (bootstrap, len(values)))].mean(1)
-    return (float(values.mean()), *percentile_interval(draws, level))
-
-
 def _evaluate(job: Job, cand_dir: Path, member: int, inc_dir: Path | None, data: str,
               meta: dict[str, Any]) -> dict[str, Any]:
     """OPE of the candidate's member (and the incumbent) in one fit on the held-out episodes; online returns from
     the same start states where the dataset names an environment."""
     import torch
 
-    from .evaluation.offpolicy import OPESettings, estimate_policy
+    from .evaluation.offpolicy import OPESettings, bootstrap_interval, estimate_policy
     from .evaluation.policies import LearnedPolicy, stack_policies
     from .learner.api import load_run
+    from .learner.worker import _device
     e = job.evaluate
-    dev = e.device if e.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(_device(e.device))  # auto: cuda when there is one
     cand, _, state = load_run(cand_dir, device=dev)
     gamma = float(cand.coef("discount")[member])
     parts = [LearnedPolicy(cand).select([member])]
@@ -535,7 +532,8 @@ def _evaluate(job: Job, cand_dir: Path, member: int, inc_dir: Path | None, data:
             if alg is None:
                 continue
             ev = evaluate(alg, meta, e.online_episodes, seed=e.seed)  # the same start states for both
-            value, low, high = _interval(np.asarray(ev["returns"][m]), job.gate.confidence, e.seed)
+            value, low, high = bootstrap_interval(np.asarray(ev["returns"][m]), 1000, job.gate.confidence,
+                                                  e.seed)
             out[who]["online"] = {"value": value, "low": low, "high": high, "episodes": e.online_episodes,
                                   "std": ev["return_std"][m], "normalized_score": ev["normalized_score"][m]}
     return out

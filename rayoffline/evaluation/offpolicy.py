@@ -116,7 +116,7 @@ def _cached(key: tuple, make: Callable[[], Any]) -> Any:
     return _CACHE[key]
 
 
-def _interval(values: np.ndarray, bootstrap: int, level: float, seed: int) -> tuple[float, float, float]:
+def bootstrap_interval(values: np.ndarray, bootstrap: int, level: float, seed: int) -> tuple[float, float, float]:
     """(mean, low, high): the percentile bootstrap over entries (episodes) of their mean."""
     n = len(values)
     rng = np.random.default_rng(seed)
@@ -180,7 +180,7 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
     horizon = ep.lengths.astype(np.float64)
     tail_discount = np.where(truncated_tail, gamma ** horizon, 0.0)                  # gamma^T for truncated episodes
     g0 = ep.returns_to_go(gamma)[ep.starts]
-    mc, mc_low, mc_high = _interval(g0, settings.bootstrap, settings.level, settings.seed)
+    mc, mc_low, mc_high = bootstrap_interval(g0, settings.bootstrap, settings.level, settings.seed)
     out: dict[str, Any] = {"holdout": {"episodes": int(ep.num_episodes), "transitions": n, "mc_return": mc,
                                        "mc_low": mc_low, "mc_high": mc_high, "gamma": gamma},
                            "estimates": {}, "models": {}}
@@ -204,7 +204,7 @@ def estimate_policy(policy, norm_actions: Callable[[torch.Tensor], torch.Tensor]
             per_ep = v_all[:, ep.starts] - tail                                        # (K, E)
             out["estimates"]["fqe"] = []
             for i in range(k):
-                value, low, high = _interval(per_ep[i], settings.bootstrap, settings.level, settings.seed)
+                value, low, high = bootstrap_interval(per_ep[i], settings.bootstrap, settings.level, settings.seed)
                 out["estimates"]["fqe"].append({"value": value, "low": low, "high": high, "ess": None,
                                                 "warning": None})
 
